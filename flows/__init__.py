@@ -1,0 +1,1 @@
+"""The lifecycle flows, one module each: orchestration only, effects live in tasks/."""

@@ -1,0 +1,95 @@
+"""test-notebooks: every lab executed in the user environment, in parallel."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows._common import artifact_key, open_site
+from flows.build_image import build_image
+from olab.guard import site_guard
+from olab.models import ImageRef, LabReport, LabResult
+from olab.planning import lab_cache_key, plan_labs
+from tasks.notebooks import cached_result, discover_labs, run_lab, stage_lab, store_result
+
+
+class LabsFailed(RuntimeError):
+    def __init__(self, report: LabReport):
+        self.report = report
+        lines = [r.describe() for r in report.failures]
+        super().__init__(f"{len(lines)} of {len(report.results)} labs failed: " + "; ".join(lines))
+
+
+@flow(name="test-notebooks")
+def test_notebooks(site: str = "local", image: ImageRef | None = None, labs: list[str] | None = None) -> LabReport:
+    """Run the labs (all, or those named) in the image; any failure fails the flow."""
+    the_site = open_site(site)
+    logger = get_run_logger()
+    started = time.monotonic()
+    with site_guard(the_site):
+        if image is None:
+            image = build_image(site=site)
+        settings = the_site.config.labs
+        sources = discover_labs(the_site.labs_dir, labs)
+        cache = the_site.paths.lab_cache
+        keys = {lab.name: lab_cache_key(image, lab, settings.cell_timeout_seconds) for lab in sources}
+        cached = {name: hit for name, key in keys.items() if (hit := cached_result(cache, key))}
+        plan = plan_labs(sources, cached)
+        for hit in plan.reused:
+            logger.info("%s: unchanged since it passed in %s; not rerun", hit.lab, image.tag)
+        results: list[LabResult] = list(plan.reused)
+        if plan.to_run:
+            workers = settings.parallelism or os.cpu_count() or 2
+            logger.info("running %d labs, %d at a time, in %s", len(plan.to_run), workers, image.pinned)
+            with tempfile.TemporaryDirectory(prefix="olab-labs-") as staging:
+                staged = {lab.name: stage_lab(lab, Path(staging)) for lab in plan.to_run}
+                with ThreadPoolTaskRunner(max_workers=workers) as runner:
+                    futures = [
+                        runner.submit(
+                            run_lab,
+                            parameters={
+                                "image": image,
+                                "lab": lab,
+                                "notebook": staged[lab.name],
+                                "cell_timeout": settings.cell_timeout_seconds,
+                            },
+                        )
+                        for lab in plan.to_run
+                    ]
+                    fresh = [future.result() for future in futures]
+            for result in fresh:
+                if result.passed:
+                    store_result(cache, keys[result.lab], result)
+            results.extend(fresh)
+        order = {lab.name: i for i, lab in enumerate(sources)}
+        results.sort(key=lambda r: order[r.lab])
+        report = LabReport(image=image, results=results, seconds=time.monotonic() - started)
+        create_table_artifact(
+            key=artifact_key(the_site, "test-notebooks"),
+            description=f"labs in {image.pinned}: {'all passed' if report.passed else 'FAILED'}",
+            table=[
+                {
+                    "lab": r.lab,
+                    "status": r.status + (" (cached)" if r.cached else ""),
+                    "seconds": round(r.seconds, 2),
+                    "failing cell": "" if r.failing_cell is None else f"{r.failing_cell}: {r.cell_excerpt or ''}",
+                    "error": r.error or "",
+                }
+                for r in results
+            ],
+        )
+        if not report.passed:
+            raise LabsFailed(report)
+        logger.info("all %d labs passed in %.1fs", len(results), report.seconds)
+        return report
+
+
+# The flow's name is the product's; keep pytest from collecting it as a test.
+test_notebooks.__test__ = False

@@ -1,0 +1,210 @@
+"""The ``olab`` command: each lifecycle command runs the Prefect flow of its name.
+
+Exit codes: 0 done, 1 the flow failed, 2 bad input (site file, arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+# Offline machines cannot reach Prefect's telemetry; keep its errors out of the way.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from olab.config import ConfigError, Site, Target, load_site  # noqa: E402
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _check_site(ref: str, supported: tuple[Target, ...] = (Target.local,)) -> Site:
+    site = load_site(ref)
+    if site.config.target not in supported:
+        raise ConfigError(
+            [f"{site.source}: target: {site.config.target.value} is not supported by this command yet (supported: "
+             + ", ".join(t.value for t in supported) + ")"]
+        )
+    return site
+
+
+def _run_flow(name: str, call: Callable[[], object], summary: Callable[[object], list[str]]) -> int:
+    try:
+        result = call()
+    except ConfigError as exc:
+        for line in exc.problems:
+            _err(line)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err(f"olab {name}: interrupted")
+        return 130
+    except Exception as exc:  # the flow's own failure, already logged by Prefect
+        _err(f"olab {name}: FAILED: {exc}")
+        return EXIT_FAILED
+    print()
+    for line in summary(result):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from flows.release import release
+
+    def summary(r) -> list[str]:
+        return [
+            f"release of site {args.site}: done",
+            f"  image  {r.image.pinned}",
+            f"  labs   {len(r.labs.results)} passed",
+            f"  hub    {r.hub.url} ({r.hub.action}); log in as {', '.join(_site.config.hub.admins)}: `olab credentials`",
+        ]
+
+    _site = _check_site(args.site)
+    return _run_flow("up", lambda: release(site=args.site), summary)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from flows.build_image import build_image
+
+    _check_site(args.site)
+    return _run_flow("build", lambda: build_image(site=args.site), lambda img: [f"image {img.pinned}", f"  at {img.location}"])
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from flows.test_notebooks import test_notebooks
+
+    _check_site(args.site)
+    return _run_flow(
+        "test",
+        lambda: test_notebooks(site=args.site, labs=args.lab or None),
+        lambda report: [r.describe() for r in report.results] + [f"all {len(report.results)} labs passed"],
+    )
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy_hub import deploy_hub
+
+    _check_site(args.site)
+    return _run_flow(
+        "deploy",
+        lambda: deploy_hub(site=args.site, check=not args.no_check),
+        lambda hub: [f"hub {hub.url} ({hub.action}), pid {hub.pid}", f"  image {hub.image.pinned}"],
+    )
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from flows.provision_cluster import provision_cluster
+
+    _check_site(args.site)
+    return _run_flow(
+        "provision",
+        lambda: provision_cluster(site=args.site),
+        lambda report: [f"{'ok' if c.ok else 'NO':3} {c.name}: {c.detail}" for c in report.checks],
+    )
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from flows.stop_hub import stop_hub
+
+    site = _check_site(args.site)
+    return _run_flow(
+        "stop",
+        lambda: stop_hub(site=args.site),
+        lambda was: [f"hub of site {site.name} stopped; data kept in {site.paths.runtime}" if was else f"no hub was running for site {site.name}"],
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from olab.status import site_status
+
+    try:
+        site = _check_site(args.site, supported=tuple(Target))
+    except ConfigError as exc:
+        for line in exc.problems:
+            _err(line)
+        return EXIT_USAGE
+    for line in site_status(site, runs=not args.no_runs):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_credentials(args: argparse.Namespace) -> int:
+    from olab.secrets import SecretStore
+
+    site = _check_site(args.site)
+    if not site.paths.secrets.exists():
+        _err(f"site {site.name} has no secret store yet; run `olab provision` or `olab up`")
+        return EXIT_FAILED
+    secrets = SecretStore(site.paths.secrets).load()
+    print(f"hub:      {site.hub_url}")
+    print(f"admins:   {', '.join(site.config.hub.admins)}  password: {secrets.admin_password.get_secret_value()}")
+    print(f"students: any other name               password: {secrets.user_password.get_secret_value()}")
+    return EXIT_OK
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from olab.lock import regenerate_lock
+
+    site = _check_site(args.site)
+    path = regenerate_lock(site.image_context)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from olab.serve import serve_site
+
+    site = _check_site(args.site)
+    return serve_site(site, port=args.port)
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "up": (cmd_up, "release: build the image, test the labs, deploy the hub, check it"),
+    "build": (cmd_build, "build the user environment (skipped when its inputs are unchanged)"),
+    "test": (cmd_test, "run every lab in the user environment, in parallel"),
+    "deploy": (cmd_deploy, "start or reconfigure the hub, then health-check it"),
+    "provision": (cmd_provision, "prepare what the hub runs on (local: folders, ports, tools)"),
+    "status": (cmd_status, "what is deployed: image, hub, health, last runs"),
+    "stop": (cmd_stop, "stop the hub and user servers, keeping all data"),
+    "serve": (cmd_serve, "start the Prefect UI and serve every deployment with its schedules"),
+    "credentials": (cmd_credentials, "print the hub's login passwords (from the 0600 secret store)"),
+    "lock": (cmd_lock, "regenerate the image's lock file from its requirements.in"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--site", default=argparse.SUPPRESS, help="site name in sites/ or path to a site file (default: local)")
+    parser = argparse.ArgumentParser(prog="olab", description="The O-Lab lifecycle as Prefect flows.", parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
+        if name == "test":
+            cmd.add_argument("--lab", action="append", help="run only this lab (repeatable)")
+        if name == "deploy":
+            cmd.add_argument("--no-check", action="store_true", help="skip the health check")
+        if name == "status":
+            cmd.add_argument("--no-runs", action="store_true", help="do not ask Prefect for the last runs")
+        if name == "serve":
+            cmd.add_argument("--port", type=int, default=4200, help="Prefect UI port on 127.0.0.1 (default 4200)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not hasattr(args, "site"):
+        args.site = "local"
+    handler = COMMANDS[args.command][0]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        for line in exc.problems:
+            _err(line)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

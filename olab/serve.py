@@ -1,0 +1,125 @@
+"""`olab serve`: the Prefect UI on 127.0.0.1 and every deployment of prefect.yaml.
+
+Deployments are served by this process (no work pool is needed on one
+machine), each with its parameter form and its schedules, so an operator can
+run any lifecycle flow of the site from the UI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from olab.config import ConfigError, Site
+from olab.runner import start_background, stop_process
+
+
+class ScheduleSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    cron: str
+    timezone: str | None = None
+    active: bool = True
+
+
+class DeploymentSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    entrypoint: str = Field(pattern=r"^[\w/]+\.py:\w+$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    schedules: list[ScheduleSpec] = Field(default_factory=list)
+    tags: list[str] = Field(default_factory=list)
+
+
+def read_deployments(project: Path) -> list[DeploymentSpec]:
+    path = project / "prefect.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        return [DeploymentSpec.model_validate(d) for d in data.get("deployments", [])]
+    except ValueError as exc:
+        raise ConfigError([f"{path}: {line}" for line in str(exc).splitlines()[1:2]]) from None
+
+
+def load_flow(entrypoint: str):
+    file_part, attr = entrypoint.split(":")
+    module = importlib.import_module(file_part.removesuffix(".py").replace("/", "."))
+    return getattr(module, attr)
+
+
+def to_runner_deployments(site: Site, specs: list[DeploymentSpec]) -> list:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    deployments = []
+    for spec in specs:
+        flow = load_flow(spec.entrypoint)
+        deployments.append(
+            flow.to_deployment(
+                name=f"{spec.name}",
+                description=spec.description,
+                parameters={**spec.parameters, "site": site.name},
+                schedules=[
+                    CronSchedule(cron=s.cron, timezone=s.timezone or site.config.schedules.timezone)
+                    for s in spec.schedules
+                    if s.active
+                ],
+                tags=[*spec.tags, f"site:{site.name}"],
+            )
+        )
+    return deployments
+
+
+def start_prefect_server(site: Site, port: int) -> tuple[int, str]:
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": url}
+    env.pop("PREFECT_API_URL", None)
+    pid = start_background(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=site.paths.runtime,
+        log_file=site.paths.logs / "prefect-server.log",
+        env=env,
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return pid, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    stop_process(pid)
+    raise RuntimeError(f"the Prefect server did not start on {url}; see {site.paths.logs / 'prefect-server.log'}")
+
+
+def serve_site(site: Site, port: int = 4200) -> int:
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    specs = read_deployments(site.project)
+    site.paths.logs.mkdir(parents=True, exist_ok=True)
+    deployments = to_runner_deployments(site, specs)
+    external = os.environ.get("PREFECT_API_URL")
+    pid = None
+    if external:
+        url = external
+    else:
+        pid, url = start_prefect_server(site, port)
+        print(f"Prefect UI: {url.removesuffix('/api')}  (server pid {pid}, log {site.paths.logs / 'prefect-server.log'})")
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            serve(*deployments)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if pid:
+            stop_process(pid)
+    return 0

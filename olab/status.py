@@ -1,0 +1,79 @@
+"""`olab status`: what is deployed on a site and how its last runs went."""
+
+from __future__ import annotations
+
+import httpx
+
+from olab.config import Site
+from olab.runner import pid_alive
+from olab.state import load_state
+
+LIFECYCLE_FLOWS = ("release", "build-image", "test-notebooks", "deploy-hub", "provision-cluster", "stop-hub")
+
+
+def _hub_version(url: str) -> str | None:
+    try:
+        response = httpx.get(f"{url}/hub/api/", timeout=3)
+        return response.json().get("version") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def last_runs(site: Site, limit: int = 8) -> list[str]:
+    """The site's most recent lifecycle flow runs, from the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        flows = client.read_flows(flow_filter=FlowFilter(name=FlowFilterName(any_=list(LIFECYCLE_FLOWS))))
+        names = {f.id: f.name for f in flows}
+        if not names:
+            return []
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=list(LIFECYCLE_FLOWS))),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=100,
+        )
+    lines = []
+    for run in runs:
+        if run.parameters.get("site", "local") != site.name and str(site.source) != run.parameters.get("site"):
+            continue
+        when = (run.start_time or run.expected_start_time)
+        stamp = when.strftime("%Y-%m-%d %H:%M:%S") if when else "-"
+        state = run.state.name if run.state else "?"
+        seconds = f"{run.total_run_time.total_seconds():.1f}s" if run.total_run_time else ""
+        lines.append(f"    {stamp}  {names.get(run.flow_id, '?'):18} {state:10} {seconds:>8}  {run.name}")
+        if len(lines) >= limit:
+            break
+    return lines
+
+
+def site_status(site: Site, runs: bool = True) -> list[str]:
+    state = load_state(site)
+    out = [f"site {site.name} ({site.config.target.value}) from {site.source}", f"  runtime  {site.paths.runtime}"]
+    out.append(f"  image    {state.image.pinned if state.image else 'none built yet (olab build)'}")
+    hub = state.hub
+    if hub is None:
+        out.append("  hub      never deployed (olab deploy)")
+    else:
+        alive = pid_alive(hub.pid)
+        version = _hub_version(hub.url) if alive else None
+        if alive and version:
+            out.append(f"  hub      {hub.url} running (pid {hub.pid}, JupyterHub {version})")
+        elif alive:
+            out.append(f"  hub      {hub.url} process {hub.pid} alive but not answering")
+        else:
+            out.append(f"  hub      {hub.url} stopped (data kept; olab deploy starts it)")
+        out.append(f"  serving  {hub.image.pinned}, since {hub.started_at:%Y-%m-%d %H:%M:%S}")
+    if state.health:
+        failed = [c.name for c in state.health.checks if not c.ok]
+        out.append(f"  health   {'ok' if not failed else 'FAILED: ' + ', '.join(failed)} ({len(state.health.checks)} checks)")
+    if runs:
+        try:
+            found = last_runs(site)
+        except Exception as exc:  # status must answer even when Prefect does not
+            found = [f"    (Prefect API not reachable: {exc})"]
+        out.append("  last runs:" if found else "  last runs: none recorded")
+        out.extend(found)
+    return out

@@ -1,0 +1,67 @@
+# JupyterHub configuration for an olab local site.
+# Written by `olab deploy`; edit the site file in sites/, not this file.
+# Settings come from olab-hub.json beside it; secrets from the site's 0600
+# secret store, so neither this file nor the hub's command line holds one.
+import json
+import os
+import shutil
+from pathlib import Path
+
+c = get_config()  # noqa: F821
+
+settings = json.loads(Path(__file__).with_name("olab-hub.json").read_text())
+secrets = json.loads(Path(settings["secrets_file"]).read_text())
+
+c.JupyterHub.ip = settings["host"]
+c.JupyterHub.port = settings["port"]
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = settings["hub_api_port"]
+c.JupyterHub.db_url = "sqlite:///" + settings["db_file"]
+c.JupyterHub.pid_file = settings["pid_file"]
+c.JupyterHub.cookie_secret = bytes.fromhex(secrets["cookie_secret"])
+c.JupyterHub.cleanup_servers = True
+
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:%d" % settings["proxy_api_port"]
+c.ConfigurableHTTPProxy.auth_token = secrets["proxy_auth_token"]
+c.ConfigurableHTTPProxy.command = settings["proxy_command"]
+c.ConfigurableHTTPProxy.pid_file = settings["proxy_pid_file"]
+
+c.JupyterHub.authenticator_class = "shared-password"
+c.SharedPasswordAuthenticator.admin_password = secrets["admin_password"]
+c.SharedPasswordAuthenticator.user_password = secrets["user_password"]
+c.Authenticator.admin_users = set(settings["admins"])
+c.Authenticator.allow_all = True
+
+# Every user's server runs as this account from the built environment, with
+# its own home under the site's data folder (what backups cover).
+c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
+c.SimpleLocalProcessSpawner.home_dir_template = settings["homes"] + "/{username}"
+c.Spawner.cmd = [settings["singleuser"]]
+c.Spawner.args = settings["singleuser_args"]
+c.Spawner.default_url = settings["default_url"]
+c.Spawner.start_timeout = settings["start_timeout"]
+c.Spawner.http_timeout = settings["start_timeout"]
+c.Spawner.environment = settings["user_environment"]
+
+c.JupyterHub.services = [{"name": "olab", "api_token": secrets["api_token"]}]
+c.JupyterHub.load_roles = [
+    {
+        "name": "olab-operator",
+        "scopes": ["admin:users", "admin:servers", "access:servers", "read:hub"],
+        "services": ["olab"],
+    }
+]
+
+
+def _give_labs(spawner):
+    """Copy the site's labs into a new home; never overwrite a student's copy."""
+    home = Path(spawner.home_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    target = home / "labs"
+    target.mkdir(exist_ok=True)
+    for lab in sorted(Path(settings["labs"]).glob("*.ipynb")):
+        if not (target / lab.name).exists():
+            shutil.copy2(lab, target / lab.name)
+
+
+c.Spawner.pre_spawn_hook = _give_labs

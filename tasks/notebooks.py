@@ -1,0 +1,127 @@
+"""Lab notebooks: found in labs/, staged as .ipynb, executed in a user environment.
+
+Execution happens in a child process running the environment's own Python
+(``olab/labrunner.py``), so a lab sees exactly the packages the hub's users see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import jupytext
+import nbformat
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.logging import get_run_logger
+
+from olab.files import sha256_file, write_json
+from olab.models import ImageRef, LabResult, LabSource
+from olab.runner import CommandError, run
+
+LAB_SUFFIXES = (".md", ".ipynb")
+
+
+def _is_lab(path: Path) -> bool:
+    if path.suffix == ".ipynb":
+        return True
+    head = path.read_text(encoding="utf-8", errors="replace")[:2000]
+    # A MyST notebook opens with front matter naming its kernel; README.md does not.
+    return head.startswith("---") and "kernelspec:" in head
+
+
+def discover_labs(folder: Path, only: list[str] | None = None) -> list[LabSource]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: labs folder does not exist")
+    labs = [
+        LabSource(name=p.stem, path=p, content_hash=sha256_file(p))
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.suffix in LAB_SUFFIXES and _is_lab(p)
+    ]
+    names = [lab.name for lab in labs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{folder}: two labs share the name {', '.join(duplicates)} (one .md and one .ipynb?)")
+    if only:
+        unknown = sorted(set(only) - set(names))
+        if unknown:
+            raise ValueError(f"no lab named {', '.join(unknown)} in {folder} (labs: {', '.join(names)})")
+        labs = [lab for lab in labs if lab.name in only]
+    if not labs:
+        raise ValueError(f"{folder}: no labs found (MyST .md notebooks or .ipynb files)")
+    return labs
+
+
+def stage_lab(lab: LabSource, dest: Path) -> Path:
+    """Write the lab as a plain .ipynb (what kernels and Voilà read)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    notebook = jupytext.read(lab.path) if lab.path.suffix == ".md" else nbformat.read(lab.path, as_version=4)
+    out = dest / f"{lab.name}.ipynb"
+    text = nbformat.writes(notebook)
+    if not out.exists() or out.read_text(encoding="utf-8") != text:
+        tmp = out.with_suffix(".ipynb.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    return out
+
+
+def labrunner_script() -> Path:
+    return Path(str(resources.files("olab").joinpath("labrunner.py")))
+
+
+def cached_result(cache: Path, key: str) -> LabResult | None:
+    path = cache / f"{key}.json"
+    if not path.is_file():
+        return None
+    try:
+        return LabResult.model_validate_json(path.read_text())
+    except ValueError:
+        return None
+
+
+def store_result(cache: Path, key: str, result: LabResult) -> None:
+    write_json(cache / f"{key}.json", result.model_dump(mode="json"))
+
+
+@task(name="run-lab", cache_policy=NO_CACHE, task_run_name="run-lab-{lab.name}")
+def run_lab(image: ImageRef, lab: LabSource, notebook: Path, cell_timeout: int) -> LabResult:
+    """Execute one staged lab with the environment's kernel; never raises for a lab failure."""
+    logger = get_run_logger()
+    with tempfile.TemporaryDirectory(prefix=f"olab-lab-{lab.name}-") as work:
+        work_dir = Path(work)
+        # A private Jupyter/IPython home: no user-level kernelspec can shadow the environment's.
+        env = {
+            "PATH": f"{image.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+            "HOME": str(work_dir),
+            "JUPYTER_DATA_DIR": str(work_dir / "jupyter-data"),
+            "JUPYTER_CONFIG_DIR": str(work_dir / "jupyter-config"),
+            "IPYTHONDIR": str(work_dir / "ipython"),
+            "MPLBACKEND": "agg",
+            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+        }
+        argv = [
+            str(image.python),
+            str(labrunner_script()),
+            str(notebook),
+            "--name",
+            lab.name,
+            "--timeout",
+            str(cell_timeout),
+        ]
+        # The per-cell timeout bounds each cell; this bounds a kernel that never starts.
+        try:
+            out = run(argv, cwd=work_dir, env=env, check=False, timeout=cell_timeout * 4 + 120)
+        except CommandError as exc:
+            return LabResult(lab=lab.name, status="timeout", seconds=0.0, error=str(exc))
+    last = out.output.strip().splitlines()[-1] if out.output.strip() else ""
+    try:
+        result = LabResult.model_validate(json.loads(last))
+    except ValueError:
+        tail = " | ".join(out.output.strip().splitlines()[-3:])
+        result = LabResult(lab=lab.name, status="error", seconds=out.seconds, error=f"lab runner failed: {tail}")
+    (logger.info if result.passed else logger.error)(result.describe())
+    return result
