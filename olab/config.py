@@ -267,13 +267,13 @@ class Site(BaseModel):
         return f"http://{self.config.hub.host}:{self.config.hub.port}"
 
 
-def find_project(start: Path | None = None) -> Path:
+def find_project(start: Path | None = None, *, honour_env: bool = True) -> Path:
     """The project whose ``sites/`` a bare site name refers to.
 
     ``OLAB_PROJECT`` wins; otherwise the nearest folder at or above ``start``
     (the working directory) holding both ``sites/`` and ``prefect.yaml``.
     """
-    if env := os.environ.get("OLAB_PROJECT"):
+    if honour_env and (env := os.environ.get("OLAB_PROJECT")):
         return Path(env).expanduser().resolve()
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
@@ -342,9 +342,9 @@ def load_site(ref: str = "local", project: Path | None = None) -> Site:
         known = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
         hint = f" (sites here: {', '.join(known)})" if known else ""
         raise ConfigError([f"{path}: no such site file{hint}"])
-    owner = path.parent.parent if path.parent.name == "sites" else path.parent
+    # Relative paths in a site file are relative to the project that holds it.
     try:
-        owner = find_project(path.parent)
+        owner = find_project(path.parent, honour_env=False)
     except ConfigError:
-        pass
+        owner = path.parent
     return parse_site(path.read_text(encoding="utf-8"), path, owner)

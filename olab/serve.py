@@ -18,7 +18,7 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from olab.config import ConfigError, Site
+from olab.config import ConfigError, Site, find_project
 from olab.runner import start_background, stop_process
 
 
@@ -43,6 +43,8 @@ class DeploymentSpec(BaseModel):
 
 def read_deployments(project: Path) -> list[DeploymentSpec]:
     path = project / "prefect.yaml"
+    if not path.is_file():
+        raise ConfigError([f"{path}: no prefect.yaml in the olab project"])
     data = yaml.safe_load(path.read_text()) or {}
     try:
         return [DeploymentSpec.model_validate(d) for d in data.get("deployments", [])]
@@ -104,7 +106,7 @@ def serve_site(site: Site, port: int = 4200) -> int:
     from prefect import serve
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    specs = read_deployments(site.project)
+    specs = read_deployments(find_project())
     site.paths.logs.mkdir(parents=True, exist_ok=True)
     deployments = to_runner_deployments(site, specs)
     external = os.environ.get("PREFECT_API_URL")

@@ -1,0 +1,102 @@
+"""The olab command as an operator uses it, and `olab serve` with the Prefect UI."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from olab.cli import main
+from olab.runner import pid_alive, stop_process
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+FLOWS = {"release", "build-image", "test-notebooks", "deploy-hub", "provision-cluster", "stop-hub"}
+
+
+def test_provision_status_and_credentials(make_site, capsys):
+    path = str(make_site("cli"))
+    assert main(["provision", "--site", path]) == 0
+    out = capsys.readouterr().out
+    assert "ok  secret store" in out and "ok  port" in out
+
+    assert main(["status", "--site", path]) == 0
+    out = capsys.readouterr().out
+    assert "site cli (local)" in out
+    assert "image    none built yet" in out
+    assert "hub      never deployed" in out
+    assert "provision-cluster" in out and "Completed" in out
+
+    assert main(["credentials", "--site", path]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"admins:\s+admin\s+password: \S{32,}", out)
+
+
+def test_a_failed_flow_exits_1_with_its_reason(make_site, capsys, tmp_path):
+    path = str(make_site("nolabs", labs={"path": str(tmp_path / "nowhere")}))
+    assert main(["test", "--site", path]) == 1
+    err = capsys.readouterr().err
+    assert "olab test: FAILED:" in err and "labs folder does not exist" in err
+
+
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> httpx.Response:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"olab serve exited with {proc.returncode}"
+        try:
+            response = httpx.get(url, timeout=3)
+            if response.status_code == 200:
+                return response
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds}s")
+
+
+def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
+    path = str(make_site("srv"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "olab.cli", "serve", "--site", path, "--port", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    server_pid = None
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        _wait_for(f"{api}/health", proc)
+        assert "<html" in _wait_for(f"http://127.0.0.1:{port}/", proc).text.lower()
+        deadline = time.monotonic() + 120
+        found = {}
+        while time.monotonic() < deadline and {f"{name}" for name in FLOWS} - set(found):
+            response = httpx.post(f"{api}/deployments/filter", json={"limit": 50}, timeout=5)
+            found = {d["name"]: d for d in response.json()}
+            time.sleep(1)
+        assert FLOWS <= set(found), f"deployments served: {sorted(found)}"
+        release = found["release"]
+        assert release["parameters"] == {"site": "srv"}
+        assert "site" in release["parameter_openapi_schema"]["properties"]
+        assert "site:srv" in release["tags"]
+        log.seek(0)
+        match = re.search(r"server pid (\d+)", log.read())
+        assert match, "serve did not say which Prefect server it started"
+        server_pid = int(match.group(1))
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if server_pid and pid_alive(server_pid):
+            stop_process(server_pid)
+    assert server_pid and not pid_alive(server_pid), "serve must stop the Prefect server it started"
