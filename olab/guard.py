@@ -14,7 +14,7 @@ from contextvars import ContextVar
 
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
-from prefect.logging import get_run_logger
+from olab.logs import task_logger
 
 from olab.config import Site
 
@@ -33,7 +33,7 @@ def site_guard(site: Site, timeout_seconds: float | None = None) -> Iterator[Non
         return
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, 1)
-    get_run_logger().info("taking the lifecycle lock of site %s", site.name)
+    task_logger().info("taking the lifecycle lock of site %s", site.name)
     with concurrency(name, occupy=1, strict=True, timeout_seconds=timeout_seconds):
         token = _held.set(_held.get() | {name})
         try:

@@ -20,7 +20,7 @@ from urllib.parse import quote
 import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
+from olab.logs import task_logger
 
 from olab.config import Site
 from olab.files import atomic_write, write_json
@@ -104,7 +104,7 @@ def apply_hub(
     current: HubDeployment | None,
 ) -> HubDeployment:
     """Start, restart or leave the hub, as planned."""
-    logger = get_run_logger()
+    logger = task_logger()
     if action == "unchanged":
         assert current is not None
         logger.info("hub %s already runs this configuration (pid %d); nothing to do", current.url, current.pid)
@@ -234,7 +234,7 @@ class HealthCheckFailed(RuntimeError):
 @task(name="hub-health-check", cache_policy=NO_CACHE, **retry_options(retries=2))
 def health_check(site: Site, lab: str) -> HealthReport:
     """Create a test user, start their server, render a lab in Voilà, stop it."""
-    logger = get_run_logger()
+    logger = task_logger()
     secrets = SecretStore(site.paths.secrets).load()
     timeout = float(site.config.hub.start_timeout_seconds)
     checks: list[Check] = []

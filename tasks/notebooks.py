@@ -16,7 +16,7 @@ import jupytext
 import nbformat
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
+from olab.logs import task_logger
 
 from olab.files import sha256_file, write_json
 from olab.models import ImageRef, LabResult, LabSource
@@ -89,7 +89,7 @@ def store_result(cache: Path, key: str, result: LabResult) -> None:
 @task(name="run-lab", cache_policy=NO_CACHE, task_run_name="run-lab-{lab.name}")
 def run_lab(image: ImageRef, lab: LabSource, notebook: Path, cell_timeout: int) -> LabResult:
     """Execute one staged lab with the environment's kernel; never raises for a lab failure."""
-    logger = get_run_logger()
+    logger = task_logger()
     with tempfile.TemporaryDirectory(prefix=f"olab-lab-{lab.name}-") as work:
         work_dir = Path(work)
         # A private Jupyter/IPython home: no user-level kernelspec can shadow the environment's.

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task
-from prefect.logging import get_run_logger
+from olab.logs import task_logger
 
 from olab.files import tree_files, write_json
 from olab.models import BuildResult, ImageRef
@@ -81,7 +81,7 @@ def _build_lock(path: Path):
 @task(name="build-venv", **retry_options(retries=2))
 def build_environment(name: str, context: Path, envs: Path, tag: str) -> BuildResult:
     """Build the environment for ``tag`` unless a complete one exists."""
-    logger = get_run_logger()
+    logger = task_logger()
     started = time.monotonic()
     target = env_folder(envs, name, tag)
     with _build_lock(target.with_name(target.name + ".lock")):
