@@ -18,6 +18,7 @@ from olab.secrets import SecretStore
 from olab.state import load_state, update_state
 from tasks.jupyterhub import apply_hub, health_check, is_running, proxy_command
 from tasks.notebooks import discover_labs, stage_lab
+from tasks.oci import engine_for, insecure_registries
 
 
 class NothingToDeploy(RuntimeError):
@@ -52,7 +53,14 @@ def deploy_hub(site: str = "local", image: ImageRef | None = None, check: bool =
         labs = discover_labs(the_site.labs_dir)
         for lab in labs:
             stage_lab(lab, paths.labs)
-        settings = hub_settings(the_site, image, proxy_command=proxy_command(), run_as_root=os.geteuid() == 0)
+        socket = None
+        if image.is_oci:
+            engine = engine_for(image.builder, paths.containers, insecure_registries(the_site))
+            engine.ensure_local(image.pinned)
+            socket = engine.ensure_api_socket()
+        settings = hub_settings(
+            the_site, image, proxy_command=proxy_command(), run_as_root=os.geteuid() == 0, docker_socket=socket
+        )
         template = hub_template()
         config_hash = hub_config_hash(settings, template, content_hash((l.name, l.content_hash.encode()) for l in labs))
         action = plan_hub(config_hash, state.hub, is_running(state.hub))

@@ -17,6 +17,7 @@ from flows.build_image import build_image
 from olab.guard import site_guard
 from olab.models import ImageRef, LabReport, LabResult
 from olab.planning import lab_cache_key, plan_labs
+from tasks.oci import engine_for, insecure_registries
 from tasks.notebooks import cached_result, discover_labs, run_lab, stage_lab, store_result
 
 
@@ -48,7 +49,13 @@ def test_notebooks(site: str = "local", image: ImageRef | None = None, labs: lis
         if plan.to_run:
             workers = settings.parallelism or os.cpu_count() or 2
             logger.info("running %d labs, %d at a time, in %s", len(plan.to_run), workers, image.pinned)
+            engine = None
+            if image.is_oci:
+                engine = engine_for(image.builder, the_site.paths.containers, insecure_registries(the_site))
+                engine.ensure_local(image.pinned)
             with tempfile.TemporaryDirectory(prefix="olab-labs-") as staging:
+                # Read-only for the image's non-root user too.
+                os.chmod(staging, 0o755)
                 staged = {lab.name: stage_lab(lab, Path(staging)) for lab in plan.to_run}
                 with ThreadPoolTaskRunner(max_workers=workers) as runner:
                     futures = [
@@ -59,6 +66,7 @@ def test_notebooks(site: str = "local", image: ImageRef | None = None, labs: lis
                                 "lab": lab,
                                 "notebook": staged[lab.name],
                                 "cell_timeout": settings.cell_timeout_seconds,
+                                "engine": engine,
                             },
                         )
                         for lab in plan.to_run

@@ -73,11 +73,31 @@ class HubSettings(_Section):
         return self
 
 
+Builder = Literal["auto", "venv", "buildah", "podman", "docker"]
+
+
 class ImageSettings(_Section):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")] = "olab-user"
     context: Path = Path("images/olab-user")
-    # Only the venv builder exists so far; OCI builders come with the image issue.
-    builder: Literal["venv"] = "venv"
+    # auto: buildah (with podman to run) where installed, else docker, else a venv.
+    builder: Builder = "auto"
+    # The Containerfile's BASE_IMAGE; "debootstrap:<suite>" makes a Debian base
+    # on this machine (for hosts that cannot pull from a public registry).
+    base_image: str | None = None
+    # Where OCI images are pushed; a loopback address is a registry olab runs.
+    registry: Annotated[str, Field(pattern=r"^[a-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._/-]+)?$")] = "127.0.0.1:5000"
+
+    @field_validator("base_image")
+    @classmethod
+    def _base(cls, value: str | None) -> str | None:
+        if value and value.startswith("debootstrap:") and not re.fullmatch(r"debootstrap:[a-z]+", value):
+            raise ValueError(f"{value!r}: use debootstrap:<suite>, such as debootstrap:bookworm")
+        return value
+
+    @property
+    def local_registry(self) -> bool:
+        host = self.registry.split("/")[0].split(":")[0]
+        return host in ("127.0.0.1", "localhost")
 
 
 class LabSettings(_Section):
@@ -221,6 +241,10 @@ class SitePaths(BaseModel):
     @property
     def lab_cache(self) -> Path:
         return self.store / "lab-results"
+
+    @property
+    def containers(self) -> Path:
+        return self.store / "containers"
 
 
 class Site(BaseModel):

@@ -24,12 +24,17 @@ class ImageRef(_Result):
     name: str
     tag: str
     digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
-    builder: Literal["venv"] = "venv"
+    builder: Literal["venv", "buildah", "podman", "docker"] = "venv"
     location: str
+    repository: str | None = None
+
+    @property
+    def is_oci(self) -> bool:
+        return self.builder != "venv"
 
     @property
     def pinned(self) -> str:
-        return f"{self.name}@{self.digest}"
+        return f"{self.repository or self.name}@{self.digest}"
 
     @property
     def python(self) -> Path:

@@ -88,11 +88,27 @@ def hub_settings(
     *,
     proxy_command: list[str],
     run_as_root: bool,
+    docker_socket: Path | None = None,
 ) -> dict:
-    """The local hub's settings document (no secrets: only the store's path)."""
+    """The local hub's settings document (no secrets: only the store's path).
+
+    A venv image runs users' servers as local processes; an OCI image runs
+    each as a container of that digest, through a Docker-compatible API.
+    """
     paths = site.paths
     hub = site.config.hub
+    spawner = {"spawner": "process"}
+    if image.is_oci:
+        if docker_socket is None:
+            raise ValueError("an OCI image needs a container API socket to spawn users")
+        spawner = {
+            "spawner": "docker",
+            "docker_url": f"unix://{docker_socket}",
+            "container_prefix": f"olab-{site.name}",
+            "container_uid": 1000,
+        }
     return {
+        **spawner,
         "site": site.name,
         "host": hub.host,
         "port": hub.port,

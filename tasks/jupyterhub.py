@@ -9,6 +9,7 @@ service token from the site's secret store.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import sys
@@ -172,7 +173,9 @@ class HubAPI:
             try:
                 message = response.json().get("message", response.text)
             except ValueError:
-                message = response.text[:200]
+                # An HTML error page: its title says enough.
+                title = re.search(r"<title>(.*?)</title>", response.text, re.S)
+                message = title.group(1).strip() if title else response.text[:120]
             raise httpx.HTTPStatusError(
                 f"{method} {path}: {response.status_code} {message}", request=response.request, response=response
             )

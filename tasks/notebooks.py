@@ -21,6 +21,7 @@ from olab.logs import task_logger
 from olab.files import sha256_file, write_json
 from olab.models import ImageRef, LabResult, LabSource
 from olab.runner import CommandError, run
+from tasks.oci import Engine
 
 LAB_SUFFIXES = (".md", ".ipynb")
 
@@ -86,35 +87,41 @@ def store_result(cache: Path, key: str, result: LabResult) -> None:
     write_json(cache / f"{key}.json", result.model_dump(mode="json"))
 
 
+RUNNER_IN_CONTAINER = "/opt/olab-runner/labrunner.py"
+
+
+def lab_command(
+    image: ImageRef, lab: LabSource, notebook: Path, cell_timeout: int, work_dir: Path, engine: Engine | None
+) -> tuple[list[str], dict[str, str]]:
+    """How to run one lab: with the venv's Python, or in a throwaway container of the image."""
+    runner_args = ["--name", lab.name, "--timeout", str(cell_timeout)]
+    if engine is not None:
+        argv = engine.run_prefix([(notebook.parent, "/labs"), (labrunner_script(), RUNNER_IN_CONTAINER)])
+        argv += ["-e", "MPLBACKEND=agg", image.pinned, "python3", RUNNER_IN_CONTAINER, f"/labs/{notebook.name}", *runner_args]
+        return argv, engine.env
+    # A private Jupyter/IPython home: no user-level kernelspec can shadow the environment's.
+    env = {
+        "PATH": f"{image.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": str(work_dir),
+        "JUPYTER_DATA_DIR": str(work_dir / "jupyter-data"),
+        "JUPYTER_CONFIG_DIR": str(work_dir / "jupyter-config"),
+        "IPYTHONDIR": str(work_dir / "ipython"),
+        "MPLBACKEND": "agg",
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        "LANG": os.environ.get("LANG", "C.UTF-8"),
+    }
+    return [str(image.python), str(labrunner_script()), str(notebook), *runner_args], env
+
+
 @task(name="run-lab", cache_policy=NO_CACHE, task_run_name="run-lab-{lab.name}")
-def run_lab(image: ImageRef, lab: LabSource, notebook: Path, cell_timeout: int) -> LabResult:
-    """Execute one staged lab with the environment's kernel; never raises for a lab failure."""
+def run_lab(image: ImageRef, lab: LabSource, notebook: Path, cell_timeout: int, engine: Engine | None = None) -> LabResult:
+    """Execute one staged lab in the image; never raises for a lab failure."""
     logger = task_logger()
     with tempfile.TemporaryDirectory(prefix=f"olab-lab-{lab.name}-") as work:
-        work_dir = Path(work)
-        # A private Jupyter/IPython home: no user-level kernelspec can shadow the environment's.
-        env = {
-            "PATH": f"{image.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-            "HOME": str(work_dir),
-            "JUPYTER_DATA_DIR": str(work_dir / "jupyter-data"),
-            "JUPYTER_CONFIG_DIR": str(work_dir / "jupyter-config"),
-            "IPYTHONDIR": str(work_dir / "ipython"),
-            "MPLBACKEND": "agg",
-            "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-            "LANG": os.environ.get("LANG", "C.UTF-8"),
-        }
-        argv = [
-            str(image.python),
-            str(labrunner_script()),
-            str(notebook),
-            "--name",
-            lab.name,
-            "--timeout",
-            str(cell_timeout),
-        ]
+        argv, env = lab_command(image, lab, notebook, cell_timeout, Path(work), engine)
         # The per-cell timeout bounds each cell; this bounds a kernel that never starts.
         try:
-            out = run(argv, cwd=work_dir, env=env, check=False, timeout=cell_timeout * 4 + 120)
+            out = run(argv, cwd=Path(work), env=env, check=False, timeout=cell_timeout * 4 + 120)
         except CommandError as exc:
             return LabResult(lab=lab.name, status="timeout", seconds=0.0, error=str(exc))
     last = out.output.strip().splitlines()[-1] if out.output.strip() else ""

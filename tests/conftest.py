@@ -56,7 +56,7 @@ class SiteFactory:
             "target": "local",
             "runtime_dir": str(self.root / name / "runtime"),
             "hub": {"port": free_port(), "hub_api_port": free_port(), "proxy_api_port": free_port(), "start_timeout_seconds": 120},
-            "image": {"context": str(REPO / "images" / "olab-user")},
+            "image": {"context": str(REPO / "images" / "olab-user"), "builder": "venv"},
             "labs": {"path": str(REPO / "labs"), "cell_timeout_seconds": 120},
             "backups": {"path": str(self.root / name / "backups")},
         }

@@ -23,7 +23,9 @@ c.JupyterHub.cleanup_servers = True
 
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:%d" % settings["proxy_api_port"]
 c.ConfigurableHTTPProxy.auth_token = secrets["proxy_auth_token"]
-c.ConfigurableHTTPProxy.command = settings["proxy_command"]
+# A dashboard's first render executes its notebook; on a cold machine that can
+# outlast the proxy's default 20 s, which students would see as a 503.
+c.ConfigurableHTTPProxy.command = settings["proxy_command"] + ["--timeout", "300000", "--proxy-timeout", "300000"]
 c.ConfigurableHTTPProxy.pid_file = settings["proxy_pid_file"]
 
 c.JupyterHub.authenticator_class = "shared-password"
@@ -53,15 +55,58 @@ c.JupyterHub.load_roles = [
 ]
 
 
+if settings["spawner"] == "docker":
+    from dockerspawner import DockerSpawner
+    from jupyterhub.utils import random_port
+
+    class HostNetworkSpawner(DockerSpawner):
+        """Each user's container on the host network, on its own loopback port."""
+
+        async def start(self):
+            self.port = random_port()
+            return await super().start()
+
+        async def get_ip_and_port(self):
+            return "127.0.0.1", self.port
+
+    c.JupyterHub.spawner_class = HostNetworkSpawner
+    c.DockerSpawner.client_kwargs = {"base_url": settings["docker_url"]}
+    c.DockerSpawner.image = settings["image"]
+    # deploy-hub pulls the pinned digest first; a spawn never reaches a registry.
+    c.DockerSpawner.pull_policy = "never"
+    c.DockerSpawner.network_name = "host"
+    c.DockerSpawner.use_internal_ip = True
+    c.DockerSpawner.remove = True
+    c.DockerSpawner.prefix = settings["container_prefix"]
+    c.DockerSpawner.volumes = {settings["homes"] + "/{raw_username}": "/home/jovyan"}
+    c.DockerSpawner.hub_connect_url = "http://127.0.0.1:%d" % settings["hub_api_port"]
+    c.Spawner.ip = "127.0.0.1"
+    c.Spawner.cmd = ["jupyterhub-singleuser"]
+    c.Spawner.args = []
+    c.Spawner.environment = {"OLAB_SITE": settings["site"]}
+
+
+def _home(spawner):
+    if settings["spawner"] == "docker":
+        return Path(settings["homes"]) / spawner.user.name
+    return Path(spawner.home_dir)
+
+
 def _give_labs(spawner):
     """Copy the site's labs into a new home; never overwrite a student's copy."""
-    home = Path(spawner.home_dir)
-    home.mkdir(parents=True, exist_ok=True)
+    home = _home(spawner)
     target = home / "labs"
-    target.mkdir(exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
     for lab in sorted(Path(settings["labs"]).glob("*.ipynb")):
         if not (target / lab.name).exists():
             shutil.copy2(lab, target / lab.name)
+    if settings["spawner"] == "docker":
+        # The container's user owns its home, as it would its volume.
+        uid = settings["container_uid"]
+        for folder, dirs, files in os.walk(home):
+            os.chown(folder, uid, uid)
+            for name in dirs + files:
+                os.lchown(os.path.join(folder, name), uid, uid)
 
 
 c.Spawner.pre_spawn_hook = _give_labs

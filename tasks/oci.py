@@ -1,0 +1,265 @@
+"""OCI images without a daemon: buildah builds, podman runs (docker where chosen).
+
+All podman/buildah calls share one storage (overlay) and one configuration
+under ``$OLAB_HOME/containers``, written here, so that what buildah builds
+podman runs, and podman's Docker-compatible API (for DockerSpawner) sees it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from olab.files import atomic_write
+from olab.logs import task_logger
+from olab.retry import retry_options
+from olab.runner import CommandError, ToolMissing, pid_alive, run, start_background
+
+APT_HINT = "apt-get install buildah podman runc fuse-overlayfs"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+def _have(*tools: str) -> bool:
+    return all(shutil.which(t) for t in tools)
+
+
+def docker_usable() -> bool:
+    if not _have("docker"):
+        return False
+    try:
+        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def resolve_builder(setting: str) -> str:
+    """The builder a site's ``image.builder`` means on this machine."""
+    if setting == "auto":
+        if _have("buildah", "podman"):
+            return "buildah"
+        if docker_usable():
+            return "docker"
+        return "venv"
+    if setting in ("buildah", "podman") and not _have(setting, "podman"):
+        missing = "buildah and podman" if setting == "buildah" else "podman"
+        raise ToolMissing(f"image.builder {setting}: {missing} not installed: {APT_HINT} (or set image.builder: venv)")
+    if setting == "docker" and not docker_usable():
+        raise ToolMissing("image.builder docker: no Docker engine answers `docker info`; start one, or use buildah: " + APT_HINT)
+    return setting
+
+
+def _limits() -> list[str]:
+    # A container may not raise a limit above this process's hard limit.
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    nofile = 65536 if nofile == resource.RLIM_INFINITY else min(nofile, 1 << 20)
+    nproc = 32768 if nproc == resource.RLIM_INFINITY else min(nproc, 32768)
+    return [f"nofile={nofile}:{nofile}", f"nproc={nproc}:{nproc}"]
+
+
+@dataclass
+class Engine:
+    """One container tool family: buildah+podman, podman alone, or docker."""
+
+    builder: str
+    store: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def runtime(self) -> str:
+        return "docker" if self.builder == "docker" else "podman"
+
+    @property
+    def build_tool(self) -> str:
+        return self.builder
+
+    @property
+    def socket(self) -> Path:
+        return self.store / "podman.sock"
+
+    def prepare(self, insecure_registries: list[str]) -> Engine:
+        """Write the shared container configuration (idempotent)."""
+        if self.builder == "docker":
+            self.env = dict(os.environ)
+            return self
+        self.store.mkdir(parents=True, exist_ok=True)
+        storage = self.store / "storage.conf"
+        containers = self.store / "containers.conf"
+        registries = self.store / "registries.conf"
+        atomic_write(
+            storage,
+            f'[storage]\ndriver = "overlay"\ngraphroot = "{self.store / "storage"}"\nrunroot = "{self.store / "run"}"\n',
+        )
+        ulimits = ", ".join(f'"{u}"' for u in _limits())
+        atomic_write(
+            containers,
+            "[containers]\n"
+            f"default_ulimits = [{ulimits}]\n"
+            'netns = "host"\n'
+            "[engine]\n"
+            'cgroup_manager = "cgroupfs"\n'
+            'runtime = "runc"\n'
+            'events_logger = "file"\n',
+        )
+        atomic_write(
+            registries,
+            "unqualified-search-registries = []\n"
+            + "".join(f'[[registry]]\nlocation = "{r}"\ninsecure = true\n' for r in insecure_registries),
+        )
+        self.env = {
+            **os.environ,
+            "CONTAINERS_STORAGE_CONF": str(storage),
+            "CONTAINERS_CONF": str(containers),
+            "CONTAINERS_REGISTRIES_CONF": str(registries),
+        }
+        return self
+
+    def run(self, argv: list[str], **kwargs) -> str:
+        return run(argv, env=self.env, **kwargs).output
+
+    def image_id(self, ref: str) -> str | None:
+        result = run([self.runtime, "image", "inspect", "--format", "{{.Id}}", ref], env=self.env, check=False)
+        return result.output.strip().splitlines()[-1] if result.returncode == 0 and result.output.strip() else None
+
+    def build(self, context: Path, ref: str, build_args: dict[str, str], on_line) -> None:
+        argv = [self.build_tool, "build"]
+        if self.builder == "buildah":
+            argv += ["--isolation", "chroot", "--pull=never", "--layers"]
+        elif self.builder == "podman":
+            argv += ["--isolation", "chroot", "--pull=never"]
+        for key, value in build_args.items():
+            argv += ["--build-arg", f"{key}={value}"]
+        ca = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+        if ca and Path(ca).is_file() and self.builder != "docker":
+            # The host's CA bundle (a proxy's CA, say) is mounted for the build only, never copied into a layer.
+            argv += ["-v", f"{ca}:/tmp/olab-ca.crt:ro", "--build-arg", "PIP_CERT=/tmp/olab-ca.crt"]
+        argv += ["-t", ref, "-f", str(context / "Containerfile"), str(context)]
+        run(argv, env=self.env, on_line=on_line, timeout=3600)
+
+    def push(self, ref: str, digest_file: Path) -> str:
+        if self.builder == "docker":
+            out = self.run(["docker", "push", ref])
+            for line in reversed(out.splitlines()):
+                if "digest: sha256:" in line:
+                    return "sha256:" + line.split("digest: sha256:")[1].split()[0]
+            raise CommandError(["docker", "push"], 0, "no digest in docker push output")
+        tool = "buildah" if self.builder == "buildah" else "podman"
+        self.run([tool, "push", "--digestfile", str(digest_file), ref, f"docker://{ref}"], timeout=1800)
+        return digest_file.read_text().strip()
+
+    def pull(self, ref: str) -> None:
+        self.run([self.runtime, "pull", "--quiet", ref], timeout=1800)
+
+    def ensure_local(self, ref: str) -> None:
+        if self.image_id(ref) is None:
+            self.pull(ref)
+
+    def run_prefix(self, mounts: list[tuple[Path, str]], workdir: str = "/tmp") -> list[str]:
+        """The start of a `run` command line for a throwaway container."""
+        argv = [self.runtime, "run", "--rm", "--network", "none", "--workdir", workdir]
+        if self.runtime == "podman":
+            argv += ["--runtime", "runc", "--cgroup-manager", "cgroupfs"]
+        for source, target in mounts:
+            argv += ["-v", f"{source}:{target}:ro"]
+        return argv
+
+    def import_rootfs(self, rootfs: Path, ref: str) -> None:
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        try:
+            result = subprocess.run(
+                [self.runtime, "import", "-", ref], stdin=tar.stdout, env=self.env, capture_output=True, text=True
+            )
+        finally:
+            tar.wait()
+        if result.returncode != 0:
+            raise CommandError([self.runtime, "import"], result.returncode, result.stderr)
+
+    def ensure_api_socket(self) -> Path:
+        """podman's Docker-compatible API on a unix socket, for DockerSpawner."""
+        if self.runtime == "docker":
+            return Path("/var/run/docker.sock")
+        pid_file = self.store / "podman-service.pid"
+        pid = int(pid_file.read_text()) if pid_file.exists() else None
+        if pid_alive(pid) and self.socket.exists():
+            return self.socket
+        if self.socket.exists():
+            self.socket.unlink()
+        pid = start_background(
+            ["podman", "system", "service", "--time=0", f"unix://{self.socket}"],
+            cwd=self.store,
+            log_file=self.store / "podman-service.log",
+            env=self.env,
+        )
+        pid_file.write_text(str(pid))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not self.socket.exists():
+            time.sleep(0.1)
+        if not self.socket.exists():
+            raise CommandError(["podman", "system", "service"], None, f"no socket after 30s; see {self.store / 'podman-service.log'}")
+        return self.socket
+
+
+def insecure_registries(site) -> list[str]:
+    """The site's registry, when it is olab's own on loopback (plain HTTP)."""
+    image = site.config.image
+    return [image.registry.split("/")[0]] if image.local_registry else []
+
+
+def engine_for(builder: str, store: Path, registries: list[str]) -> Engine:
+    return Engine(builder=builder, store=store).prepare(registries)
+
+
+def ensure_debootstrap_base(engine: Engine, suite: str, work: Path) -> str:
+    """A minimal Debian image with Python, made here when no registry can be pulled from."""
+    ref = f"localhost/olab-base:{suite}"
+    if engine.image_id(ref):
+        return ref
+    if not shutil.which("debootstrap"):
+        raise ToolMissing(f"image.base_image debootstrap:{suite}: debootstrap is not installed: apt-get install debootstrap")
+    logger = task_logger()
+    rootfs = work / f"rootfs-{suite}"
+    if rootfs.exists():
+        shutil.rmtree(rootfs)
+    logger.info("making Debian %s base image with debootstrap (about a minute)", suite)
+    run(
+        ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", suite, str(rootfs), DEBIAN_MIRROR],
+        on_line=logger.info,
+        timeout=1800,
+    )
+    try:
+        engine.import_rootfs(rootfs, ref)
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+    return ref
+
+
+def containerfile_base(context: Path) -> str | None:
+    """The default of ``ARG BASE_IMAGE=...`` in the Containerfile."""
+    for line in (context / "Containerfile").read_text().splitlines():
+        parts = line.strip().split(None, 1)
+        if len(parts) == 2 and parts[0].upper() == "ARG" and parts[1].startswith("BASE_IMAGE="):
+            return parts[1].split("=", 1)[1].strip() or None
+    return None
+
+
+@task(name="build-oci-image", cache_policy=NO_CACHE, **retry_options(retries=1))
+def build_and_push(engine: Engine, context: Path, repository: str, tag: str, base_image: str) -> tuple[str, float]:
+    """Build ``repository:tag`` from the context and push it; returns (digest, seconds)."""
+    logger = task_logger()
+    started = time.monotonic()
+    ref = f"{repository}:{tag}"
+    logger.info("building %s with %s on %s", ref, engine.builder, base_image)
+    engine.build(context, ref, {"BASE_IMAGE": base_image}, on_line=logger.info)
+    with tempfile.TemporaryDirectory() as tmp:
+        digest = engine.push(ref, Path(tmp) / "digest")
+    logger.info("pushed %s@%s", repository, digest)
+    return digest, time.monotonic() - started
