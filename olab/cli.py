@@ -131,6 +131,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from olab.doctor import diagnose
+
+    site = _check_site(args.site, supported=tuple(Target))
+    lines, ok = diagnose(site)
+    for line in lines:
+        print(line)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
 def cmd_credentials(args: argparse.Namespace) -> int:
     from olab.secrets import SecretStore
 
@@ -170,6 +180,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "status": (cmd_status, "what is deployed: image, hub, health, last runs"),
     "stop": (cmd_stop, "stop the hub and user servers, keeping all data"),
     "serve": (cmd_serve, "start the Prefect UI and serve every deployment with its schedules"),
+    "doctor": (cmd_doctor, "which image builder and container runtime this machine has, and what to install"),
     "credentials": (cmd_credentials, "print the hub's login passwords (from the 0600 secret store)"),
     "lock": (cmd_lock, "regenerate the image's lock file from its requirements.in"),
 }

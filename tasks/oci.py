@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from olab.files import atomic_write
 from olab.logs import task_logger
 from olab.retry import retry_options
-from olab.runner import CommandError, ToolMissing, pid_alive, run, start_background
+from olab.runner import CommandError, ToolMissing, pid_alive, run, start_background, stop_process
 
 APT_HINT = "apt-get install buildah podman runc fuse-overlayfs"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -212,6 +212,13 @@ def insecure_registries(site) -> list[str]:
     """The site's registry, when it is olab's own on loopback (plain HTTP)."""
     image = site.config.image
     return [image.registry.split("/")[0]] if image.local_registry else []
+
+
+def stop_api_socket(store: Path) -> bool:
+    pid_file = store / "podman-service.pid"
+    if not pid_file.exists():
+        return False
+    return stop_process(int(pid_file.read_text()))
 
 
 def engine_for(builder: str, store: Path, registries: list[str]) -> Engine:

@@ -1,0 +1,53 @@
+"""`olab doctor`: which builder and runtime this machine offers a site, and what is missing."""
+
+from __future__ import annotations
+
+import shutil
+
+from olab.config import Site
+from olab.runner import ToolMissing
+
+TOOLS = {
+    "buildah": "apt-get install buildah",
+    "podman": "apt-get install podman",
+    "runc": "apt-get install runc",
+    "fuse-overlayfs": "apt-get install fuse-overlayfs",
+    "docker-registry": "apt-get install docker-registry",
+    "debootstrap": "apt-get install debootstrap",
+    "docker": "a Docker engine (optional: buildah + podman need no daemon)",
+}
+
+
+def diagnose(site: Site) -> tuple[list[str], bool]:
+    from tasks.jupyterhub import proxy_command
+    from tasks.oci import resolve_builder
+    from tasks.python_env import uv_binary
+    from tasks.registry import Registry
+
+    lines: list[str] = []
+    ok = True
+    setting = site.config.image.builder
+    try:
+        builder = resolve_builder(setting)
+        runtime = {"venv": "local processes (no container runtime)", "docker": "docker"}.get(builder, "podman")
+        lines.append(f"builder  {builder} (image.builder: {setting})")
+        lines.append(f"runtime  {runtime}")
+        if builder == "venv" and setting == "auto":
+            lines.append("         no container tools found: images are venvs; for OCI images run ./setup.sh as root "
+                         "(apt-get install buildah podman runc fuse-overlayfs docker-registry debootstrap)")
+    except ToolMissing as exc:
+        lines.append(f"builder  MISSING: {exc}")
+        ok = False
+    for tool, hint in TOOLS.items():
+        found = shutil.which(tool)
+        lines.append(f"  {tool:16} {found or 'not installed: ' + hint}")
+    for name, find in (("uv", uv_binary), ("configurable-http-proxy", lambda: proxy_command()[0])):
+        try:
+            lines.append(f"  {name:16} {find()}")
+        except ToolMissing as exc:
+            lines.append(f"  {name:16} MISSING: {exc}")
+            ok = False
+    registry = site.config.image.registry
+    answers = Registry(registry, insecure=site.config.image.local_registry).answers()
+    lines.append(f"registry {registry}: " + ("answers" if answers else "not running" + (" (olab starts it on build)" if site.config.image.local_registry else "")))
+    return lines, ok

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs everything olab needs on a Debian/Ubuntu machine:
+#   ./setup.sh          the olab command (then: olab up)
+#   ./setup.sh test     the same plus the test tools (then: pytest)
+#   ./setup.sh bench    the same plus the benchmark baselines
+# As root with apt-get, it also installs the daemonless container tools that
+# OCI user images need (buildah, podman, runc, a registry, debootstrap);
+# without them olab falls back to venv user environments.
+set -euo pipefail
+cd "$(dirname "$0")"
+extra="${1:-}"
+packages="buildah podman runc fuse-overlayfs docker-registry debootstrap"
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  missing=""
+  for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+  if [ -n "$missing" ]; then
+    echo "setup: installing$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+  fi
+else
+  echo "setup: not root with apt-get; skipping container tools ($packages): user images will be venvs"
+fi
+python3 -m pip install -q -e ".${extra:+[$extra]}"
