@@ -14,7 +14,9 @@ from olab.models import Check, HubDeployment
 from olab.runner import ToolMissing
 from olab.secrets import SecretStore
 from tasks.jupyterhub import is_running, port_in_use, proxy_command
+from tasks.oci import engine_for, insecure_registries, resolve_builder
 from tasks.python_env import uv_binary
+from tasks.registry import ensure_local_registry
 
 
 def _tool(name: str, find) -> Check:
@@ -56,6 +58,17 @@ def prepare_local_host(site: Site, hub: HubDeployment | None) -> list[Check]:
             checks.append(Check(name=f"port {port}", ok=True, detail=f"{label}: held by this site's hub"))
         else:
             checks.append(Check(name=f"port {port}", ok=not busy, detail=f"{label}: " + ("in use by another program" if busy else "free")))
+    try:
+        builder = resolve_builder(site.config.image.builder)
+        checks.append(Check(name="image builder", ok=True, detail=f"{builder} (image.builder: {site.config.image.builder})"))
+        if builder != "venv":
+            engine = engine_for(builder, paths.containers, insecure_registries(site))
+            if site.config.image.local_registry:
+                ensure_local_registry(paths.containers, site.config.image.registry)
+                checks.append(Check(name="registry", ok=True, detail=f"{site.config.image.registry} (run by olab)"))
+            checks.append(Check(name="container api", ok=True, detail=str(engine.ensure_api_socket())))
+    except ToolMissing as exc:
+        checks.append(Check(name="image builder", ok=False, detail=str(exc)))
     free = shutil.disk_usage(paths.runtime).free
     checks.append(Check(name="disk", ok=free > 2 << 30, detail=f"{free / 2**30:.1f} GiB free at {paths.runtime}"))
     return checks
