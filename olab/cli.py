@@ -117,6 +117,45 @@ def cmd_stop(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_teardown(args: argparse.Namespace) -> int:
+    from flows.teardown import teardown
+
+    site = _check_site(args.site)
+
+    def summary(r) -> list[str]:
+        if r.dry_run:
+            return [
+                f"dry run: nothing was stopped, written or deleted on site {site.name}",
+                f"  would back up {len(r.users)} users ({r.files} files, {r.bytes} bytes) to {site.paths.backups}",
+                f"  would delete {site.paths.runtime}",
+            ]
+        if r.already_torn_down:
+            return [f"site {site.name} is already torn down; restore point {r.restore_point}"]
+        return [
+            f"site {site.name} torn down in {r.seconds:.1f}s",
+            f"  restore point {r.restore_point}: {len(r.users)} users, {r.files} files, {r.bytes} bytes, verified",
+            f"  pruned: {', '.join(r.pruned) or 'none'}; `olab restore` brings it back",
+        ]
+
+    return _run_flow("teardown", lambda: teardown(site=args.site, dry_run=args.dry_run), summary)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from flows.restore import restore
+
+    site = _check_site(args.site)
+
+    def summary(r) -> list[str]:
+        if r.restore_point is None:
+            return [f"site {site.name}: {r.note}", f"  hub {r.hub.url}"]
+        return [
+            f"site {site.name} restored from {r.restore_point} in {r.seconds:.1f}s",
+            f"  {len(r.users)} users verified file by file; hub {r.hub.url} ({r.hub.action})",
+        ]
+
+    return _run_flow("restore", lambda: restore(site=args.site, restore_point=args.restore_point), summary)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from olab.status import site_status
 
@@ -177,6 +216,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "test": (cmd_test, "run every lab in the user environment, in parallel"),
     "deploy": (cmd_deploy, "start or reconfigure the hub, then health-check it"),
     "provision": (cmd_provision, "prepare what the hub runs on (local: folders, ports, tools)"),
+    "teardown": (cmd_teardown, "stop the site and keep everything in a verified restore point"),
+    "restore": (cmd_restore, "bring the site back from its newest complete restore point"),
     "status": (cmd_status, "what is deployed: image, hub, health, last runs"),
     "stop": (cmd_stop, "stop the hub and user servers, keeping all data"),
     "serve": (cmd_serve, "start the Prefect UI and serve every deployment with its schedules"),
@@ -197,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--lab", action="append", help="run only this lab (repeatable)")
         if name == "deploy":
             cmd.add_argument("--no-check", action="store_true", help="skip the health check")
+        if name == "teardown":
+            cmd.add_argument("--dry-run", action="store_true", help="print what would be stopped, backed up and deleted")
+        if name == "restore":
+            cmd.add_argument("--restore-point", help="restore this one (default: the newest complete one)")
         if name == "status":
             cmd.add_argument("--no-runs", action="store_true", help="do not ask Prefect for the last runs")
         if name == "serve":

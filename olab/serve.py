@@ -25,6 +25,7 @@ from olab.runner import start_background, stop_process
 class ScheduleSpec(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
+    # A cron expression, or "site:teardown" / "site:restore" for the site's own schedule.
     cron: str
     timezone: str | None = None
     active: bool = True
@@ -58,6 +59,15 @@ def load_flow(entrypoint: str):
     return getattr(module, attr)
 
 
+def site_cron(site: Site, cron: str) -> str:
+    if cron.startswith("site:"):
+        which = cron.removeprefix("site:")
+        if which not in ("teardown", "restore"):
+            raise ConfigError([f"prefect.yaml: schedule {cron!r}: use site:teardown or site:restore"])
+        return getattr(site.config.schedules, which)
+    return cron
+
+
 def to_runner_deployments(site: Site, specs: list[DeploymentSpec]) -> list:
     from prefect.client.schemas.schedules import CronSchedule
 
@@ -70,7 +80,7 @@ def to_runner_deployments(site: Site, specs: list[DeploymentSpec]) -> list:
                 description=spec.description,
                 parameters={**spec.parameters, "site": site.name},
                 schedules=[
-                    CronSchedule(cron=s.cron, timezone=s.timezone or site.config.schedules.timezone)
+                    CronSchedule(cron=site_cron(site, s.cron), timezone=s.timezone or site.config.schedules.timezone)
                     for s in spec.schedules
                     if s.active
                 ],

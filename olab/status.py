@@ -8,7 +8,9 @@ from olab.config import Site
 from olab.runner import pid_alive
 from olab.state import load_state
 
-LIFECYCLE_FLOWS = ("release", "build-image", "test-notebooks", "deploy-hub", "provision-cluster", "stop-hub")
+LIFECYCLE_FLOWS = (
+    "release", "build-image", "test-notebooks", "deploy-hub", "provision-cluster", "stop-hub", "teardown", "restore",
+)
 
 
 def _hub_version(url: str) -> str | None:
@@ -69,6 +71,15 @@ def site_status(site: Site, runs: bool = True) -> list[str]:
     if state.health:
         failed = [c.name for c in state.health.checks if not c.ok]
         out.append(f"  health   {'ok' if not failed else 'FAILED: ' + ', '.join(failed)} ({len(state.health.checks)} checks)")
+    from flows.teardown import read_mark
+    from tasks.backup import list_restore_points
+
+    mark = read_mark(site)
+    points = list_restore_points(site.paths.backups)
+    complete = [p.id for p in points if p.complete]
+    if mark:
+        out.append(f"  TORN DOWN ({mark.phase} since {mark.since:%Y-%m-%d %H:%M}); restore point {mark.restore_point}: olab restore")
+    out.append(f"  backups  {len(complete)} complete restore points in {site.paths.backups}" + (f", newest {complete[-1]}" if complete else ""))
     if runs:
         try:
             found = last_runs(site)
