@@ -15,13 +15,17 @@ from olab.guard import site_guard
 from olab.models import HealthReport, HubDeployment, ImageRef
 from olab.planning import hub_config_hash, hub_settings, hub_template, plan_hub
 from olab.secrets import SecretStore
-from olab.state import load_state, update_state
+from olab.state import load_state, read_mark, update_state
 from tasks.jupyterhub import apply_hub, health_check, is_running, proxy_command
 from tasks.notebooks import discover_labs, stage_lab
 from tasks.oci import engine_for, insecure_registries
 
 
 class NothingToDeploy(RuntimeError):
+    pass
+
+
+class SiteTornDown(RuntimeError):
     pass
 
 
@@ -44,6 +48,11 @@ def deploy_hub(site: str = "local", image: ImageRef | None = None, check: bool =
     the_site = open_site(site)
     logger = get_run_logger()
     with site_guard(the_site):
+        mark = read_mark(the_site)
+        if mark is not None:
+            raise SiteTornDown(
+                f"site {the_site.name} is torn down (restore point {mark.restore_point}); run `olab restore`, not deploy"
+            )
         state = load_state(the_site)
         image = image or state.image
         if image is None:

@@ -20,7 +20,8 @@ from pydantic import BaseModel
 
 from flows._common import artifact_key, open_site
 from flows.deploy_hub import deploy_hub
-from flows.teardown import delete_runtime, mark_path, read_mark, write_mark
+from flows.teardown import delete_runtime
+from olab.state import mark_path, read_mark, write_mark
 from olab.config import Site
 from olab.faults import checkpoint
 from olab.guard import site_guard

@@ -24,11 +24,10 @@ from pydantic import BaseModel
 from flows._common import artifact_key, open_site
 from olab.config import Site
 from olab.faults import checkpoint
-from olab.files import write_json
 from olab.guard import site_guard
-from olab.restore_points import HUB_ARCHIVE, ArchiveEntry, Manifest, TeardownMark, plan_prune, restore_point_id
+from olab.restore_points import HUB_ARCHIVE, ArchiveEntry, Manifest, plan_prune, restore_point_id
 from olab.secrets import SecretStore
-from olab.state import load_state
+from olab.state import load_state, read_mark, write_mark
 from tasks.backup import (
     check_writable,
     list_restore_points,
@@ -55,19 +54,6 @@ class TeardownReport(BaseModel):
     dry_run: bool = False
     already_torn_down: bool = False
     pruned: list[str] = []
-
-
-def mark_path(site: Site):
-    return site.paths.backups / "teardown.json"
-
-
-def read_mark(site: Site) -> TeardownMark | None:
-    path = mark_path(site)
-    return TeardownMark.model_validate_json(path.read_text()) if path.exists() else None
-
-
-def write_mark(site: Site, phase: str, restore_point: str) -> None:
-    write_json(mark_path(site), TeardownMark(phase=phase, restore_point=restore_point, since=datetime.now(UTC)).model_dump(mode="json"))
 
 
 def user_homes(site: Site) -> list[str]:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
+from datetime import UTC, datetime
+from pathlib import Path
+
 from olab.config import Site
 from olab.files import write_json
 from olab.models import HealthReport, HubDeployment, ImageRef
+from olab.restore_points import TeardownMark
 
 
 class SiteState(BaseModel):
@@ -30,3 +34,18 @@ def update_state(site: Site, **changes) -> SiteState:
     state = load_state(site).model_copy(update=changes)
     save_state(site, state)
     return state
+
+
+def mark_path(site: Site) -> Path:
+    """Beside the restore points, so it outlives the runtime it describes."""
+    return site.paths.backups / "teardown.json"
+
+
+def read_mark(site: Site) -> TeardownMark | None:
+    path = mark_path(site)
+    return TeardownMark.model_validate_json(path.read_text()) if path.exists() else None
+
+
+def write_mark(site: Site, phase: str, restore_point: str) -> None:
+    mark = TeardownMark(phase=phase, restore_point=restore_point, since=datetime.now(UTC))
+    write_json(mark_path(site), mark.model_dump(mode="json"))

@@ -6,7 +6,7 @@ import httpx
 
 from olab.config import Site
 from olab.runner import pid_alive
-from olab.state import load_state
+from olab.state import load_state, read_mark
 
 LIFECYCLE_FLOWS = (
     "release", "build-image", "test-notebooks", "deploy-hub", "provision-cluster", "stop-hub", "teardown", "restore",
@@ -71,7 +71,6 @@ def site_status(site: Site, runs: bool = True) -> list[str]:
     if state.health:
         failed = [c.name for c in state.health.checks if not c.ok]
         out.append(f"  health   {'ok' if not failed else 'FAILED: ' + ', '.join(failed)} ({len(state.health.checks)} checks)")
-    from flows.teardown import read_mark
     from tasks.backup import list_restore_points
 
     mark = read_mark(site)

@@ -67,6 +67,19 @@ def find_environment(envs: Path, name: str, tag: str) -> ImageRef | None:
     return ImageRef.model_validate_json(marker.read_text())
 
 
+STARTUP_FILES = ("olab_kernel_fix.py", "olab-kernel-fix.pth")
+
+
+def install_startup_files(context: Path, env: Path) -> None:
+    """What the Containerfile copies into site-packages, the venv gets too."""
+    purelib = run(
+        [str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+    ).output.strip().splitlines()[-1]
+    for name in STARTUP_FILES:
+        if (context / name).is_file():
+            shutil.copy2(context / name, Path(purelib) / name)
+
+
 @contextmanager
 def _build_lock(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +114,7 @@ def build_environment(name: str, context: Path, envs: Path, tag: str) -> BuildRe
             on_line=logger.info,
             timeout=1800,
         )
+        install_startup_files(context, target)
         image = ImageRef(name=name, tag=tag[:16], digest=f"sha256:{tag}", location=str(target))
         write_json(target / MARKER, image.model_dump(mode="json"))
     seconds = time.monotonic() - started

@@ -49,7 +49,7 @@ c.JupyterHub.services = [{"name": "olab", "api_token": secrets["api_token"]}]
 c.JupyterHub.load_roles = [
     {
         "name": "olab-operator",
-        "scopes": ["admin:users", "admin:servers", "access:servers", "read:hub"],
+        "scopes": ["admin:users", "admin:servers", "access:servers", "tokens", "read:hub"],
         "services": ["olab"],
     }
 ]
