@@ -74,14 +74,8 @@ def unpack_and_verify(site: Site, restore_point: str) -> list[UserRestore]:
 
 def swap_in(site: Site) -> None:
     """Replace whatever runtime there is with the verified staging folder."""
-    runtime, staging = site.paths.runtime, staging_dir(site)
-    if runtime.exists():
-        aside = runtime.with_name(runtime.name + ".replaced")
-        if aside.exists():
-            shutil.rmtree(aside)
-        os.replace(runtime, aside)
-        shutil.rmtree(aside)
-    os.replace(staging, runtime)
+    delete_runtime(site)
+    os.replace(staging_dir(site), site.paths.runtime)
 
 
 @flow(name="restore")
