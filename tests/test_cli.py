@@ -18,7 +18,7 @@ from olab.runner import pid_alive, stop_process
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
-FLOWS = {"release", "build-image", "test-notebooks", "deploy-hub", "provision-cluster", "stop-hub"}
+FLOWS = {"release", "build-image", "test-notebooks", "deploy-hub", "provision-cluster", "stop-hub", "teardown", "restore"}
 
 
 def test_provision_status_and_credentials(make_site, capsys):
@@ -61,7 +61,7 @@ def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> httpx.R
 
 
 def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
-    path = str(make_site("srv"))
+    path = str(make_site("srv", schedules={"timezone": "Europe/Paris", "teardown": "30 18 * * 5", "restore": "15 6 * * 1"}))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
@@ -86,6 +86,13 @@ def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
         assert release["parameters"] == {"site": "srv"}
         assert "site" in release["parameter_openapi_schema"]["properties"]
         assert "site:srv" in release["tags"]
+        # The weekend schedules come from the site file, in the site's timezone.
+        crons = {
+            name: [(s["schedule"]["cron"], s["schedule"]["timezone"]) for s in found[name]["schedules"]]
+            for name in ("teardown", "restore")
+        }
+        assert crons == {"teardown": [("30 18 * * 5", "Europe/Paris")], "restore": [("15 6 * * 1", "Europe/Paris")]}
+        assert found["deploy-hub"]["schedules"] == []
         log.seek(0)
         match = re.search(r"server pid (\d+)", log.read())
         assert match, "serve did not say which Prefect server it started"
