@@ -53,10 +53,8 @@ def _build_oci(site: Site, builder: str) -> BuildResult:
         raise ValueError(f"{context / 'Containerfile'}: no ARG BASE_IMAGE default and no image.base_image in {site.source}")
     if base.startswith("debootstrap:"):
         base = ensure_debootstrap_base(engine, base.split(":", 1)[1], site.paths.containers)
-    else:
-        engine.ensure_local(base)
     # The base's own content is an input: a new base under the same name is a new image.
-    base_id = engine.image_id(base)
+    base_id = engine.ensure_local(base)
     tag = image_tag({**files, "\0base": f"{base}@{base_id}".encode()}, "any", "oci")
     short = tag[:20]
     repository = registry.repository(settings.name)

@@ -143,13 +143,18 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_archive(archive: Path, entry: ArchiveEntry, who: str) -> None:
-    """Read an archive back and check it against its manifest entry."""
+def verify_archive(archive: Path, entry: ArchiveEntry, who: str, *, deep: bool = False) -> None:
+    """Read an archive back and check it against its manifest entry.
+
+    One pass checks the archive's own hash and its listing (names, types,
+    sizes, link targets). The per-file content hashes are only needed to name
+    the damaged file when the archive's hash does not match, so that deeper
+    pass runs only then.
+    """
     if not archive.is_file():
         raise VerificationFailed(f"{who}: archive {archive.name} is missing")
     expected = {f.path: f for f in entry.files}
     seen: set[str] = set()
-    whole = hashlib.sha256()
     try:
         with open(archive, "rb") as raw:
             reader = _HashingReader(raw)
@@ -160,53 +165,74 @@ def verify_archive(archive: Path, entry: ArchiveEntry, who: str) -> None:
                         raise VerificationFailed(f"{who}: {member.name}: in the archive but not in the manifest")
                     seen.add(member.name)
                     if member.isfile():
-                        digest = hashlib.sha256()
-                        handle = tar.extractfile(member)
-                        while block := handle.read(CHUNK):
-                            digest.update(block)
-                        if digest.hexdigest() != want.sha256 or member.size != want.size:
-                            raise VerificationFailed(f"{who}: {member.name}: content differs from the manifest")
-                    elif member.issym() and member.linkname != want.target:
-                        raise VerificationFailed(f"{who}: {member.name}: link target differs from the manifest")
-                # Drain the tail so the whole-file hash covers every byte.
-                while raw_block := reader.read(CHUNK):
+                        if member.size != want.size or want.type != "file":
+                            raise VerificationFailed(f"{who}: {member.name}: size or type differs from the manifest")
+                        if deep:
+                            digest = hashlib.sha256()
+                            handle = tar.extractfile(member)
+                            while block := handle.read(CHUNK):
+                                digest.update(block)
+                            if digest.hexdigest() != want.sha256:
+                                raise VerificationFailed(f"{who}: {member.name}: content differs from the manifest (sha256 mismatch)")
+                    elif member.issym():
+                        if member.linkname != want.target:
+                            raise VerificationFailed(f"{who}: {member.name}: link target differs from the manifest")
+                    elif not member.isdir():
+                        raise VerificationFailed(f"{who}: {member.name}: an entry of a kind olab never writes")
+                # Drain the tail so the archive's hash covers every byte.
+                while reader.read(CHUNK):
                     pass
-            whole = reader.digest
     except tarfile.TarError as exc:
+        if not deep:
+            verify_archive(archive, entry, who, deep=True)
         raise VerificationFailed(f"{who}: archive {archive.name} is damaged: {exc}") from None
     missing = sorted(set(expected) - seen)
     if missing:
         raise VerificationFailed(f"{who}: {missing[0]}: in the manifest but not in the archive")
-    if whole.hexdigest() != entry.archive_sha256:
+    if reader.digest.hexdigest() != entry.archive_sha256:
+        if not deep:
+            verify_archive(archive, entry, who, deep=True)
         raise VerificationFailed(f"{who}: archive {archive.name} differs from the one written")
 
 
-def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    parts = Path(member.name).parts
-    if member.name.startswith("/") or ".." in parts:
-        raise VerificationFailed(f"archive member {member.name!r} points outside its folder")
-    return member
+def _contained(dest: Path):
+    """A tar filter that keeps every member inside dest: no absolute or .. paths,
+    no hard links or device files, and no path through a symlink (a member
+    cannot write through a link an earlier member made)."""
+
+    def check(member: tarfile.TarInfo, _dest: str) -> tarfile.TarInfo:
+        parts = Path(member.name).parts
+        if member.name.startswith("/") or ".." in parts:
+            raise VerificationFailed(f"archive member {member.name!r} points outside its folder")
+        if not (member.isfile() or member.isdir() or member.issym()):
+            raise VerificationFailed(f"archive member {member.name!r} is a kind olab never writes")
+        here = dest
+        for part in parts[:-1]:
+            here = here / part
+            if here.is_symlink():
+                raise VerificationFailed(f"archive member {member.name!r} would be written through a symlink")
+        return member
+
+    return check
 
 
 def extract_and_verify(archive: Path, entry: ArchiveEntry, dest: Path, who: str) -> None:
-    """Unpack into dest (a staging folder), then check every file against the manifest."""
+    """Check the archive, unpack it into dest (a staging folder), then check
+    every unpacked file against the manifest."""
+    verify_archive(archive, entry, who)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(archive, mode="r:") as tar:
-            tar.extractall(dest, numeric_owner=True, filter=_safe_member)
+            tar.extractall(dest, numeric_owner=True, filter=_contained(dest))
     except (tarfile.TarError, OSError) as exc:
-        # The first file that reads back wrong names the damage better than the tar error.
-        _check_tree(dest, entry, who, partial=True)
-        raise VerificationFailed(f"{who}: archive {archive.name} is damaged: {exc}") from None
-    _check_tree(dest, entry, who, partial=False)
+        raise VerificationFailed(f"{who}: archive {archive.name} could not be unpacked: {exc}") from None
+    _check_tree(dest, entry, who)
 
 
-def _check_tree(dest: Path, entry: ArchiveEntry, who: str, partial: bool) -> None:
+def _check_tree(dest: Path, entry: ArchiveEntry, who: str) -> None:
     for want in entry.files:
         path = dest / want.path if want.path != "." else dest
         if not path.exists() and not path.is_symlink():
-            if partial:
-                continue
             raise VerificationFailed(f"{who}: {want.path}: missing after unpacking")
         st = path.lstat()
         if want.type == "symlink":

@@ -159,9 +159,13 @@ class Engine:
     def pull(self, ref: str) -> None:
         self.run([self.runtime, "pull", "--quiet", ref], timeout=1800)
 
-    def ensure_local(self, ref: str) -> None:
-        if self.image_id(ref) is None:
+    def ensure_local(self, ref: str) -> str:
+        """The image's id, pulling it first if this machine does not have it."""
+        found = self.image_id(ref)
+        if found is None:
             self.pull(ref)
+            found = self.image_id(ref)
+        return found
 
     def run_prefix(self, mounts: list[tuple[Path, str]], workdir: str = "/tmp") -> list[str]:
         """The start of a `run` command line for a throwaway container."""
