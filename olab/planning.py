@@ -51,7 +51,8 @@ class BuildPlan:
 
 
 def plan_build(tag: str, existing: ImageRef | None) -> BuildPlan:
-    if existing is not None and existing.tag == tag:
+    """``tag`` is the full content hash; an image is pinned by it as its digest."""
+    if existing is not None and existing.digest == f"sha256:{tag}":
         return BuildPlan(tag, False, f"environment {tag[:12]} is already built")
     return BuildPlan(tag, True, f"no complete environment for inputs {tag[:12]}")
 

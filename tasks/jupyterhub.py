@@ -195,7 +195,11 @@ class HubAPI:
         return self.request("GET", "/hub/api/users").json()
 
     def start_server(self, name: str, timeout: float) -> None:
-        self.request("POST", f"/hub/api/users/{quote(name)}/server")
+        # A stop still under way (say, from an earlier attempt's clean-up) must finish first.
+        self._wait(name, lambda server: not (server and server.get("pending")), timeout, "done stopping")
+        server = self.user(name).get("servers", {}).get("")
+        if not (server and server.get("ready")):
+            self.request("POST", f"/hub/api/users/{quote(name)}/server")
         self._wait(name, lambda server: bool(server and server.get("ready")), timeout, "ready")
 
     def stop_server(self, name: str, timeout: float) -> None:

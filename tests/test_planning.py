@@ -39,7 +39,7 @@ def test_image_tag_depends_on_every_input():
 
 def test_plan_build_reuses_only_the_same_tag():
     assert plan_build("a" * 64, None).build
-    assert not plan_build(IMAGE.tag, IMAGE).build
+    assert not plan_build("a" * 64, IMAGE).build
     assert plan_build("b" * 64, IMAGE).build
 
 

@@ -1,0 +1,289 @@
+"""release flow overhead against the same steps as a plain script (no Prefect flows).
+
+    pip install -e '.[bench]'
+    python bench/bench_release.py [--rounds 3]
+
+Both sides do, from the same starting point (environment already built, lab
+result cache cleared, no hub running, a fresh site runtime with free ports):
+
+    environment lookup -> run every lab, 2 at a time -> start the hub as
+    deploy-hub does -> health check (spawn a user, render a lab in Voila) -> stop the hub
+
+- plain: those steps called directly: ``venv_tag``/``find_environment``,
+  ``discover_labs``/``stage_lab``, ``run_lab.fn`` in a ThreadPoolExecutor(2),
+  the planning functions + ``apply_hub.fn``, ``health_check.fn``, ``stop_hub``;
+- flow: ``flows.release.release(site=...)``, then ``stop_hub``.
+
+The two alternate, 3 rounds each after one untimed warm-up of each; the median
+of each is compared. Goal: flow / plain <= 1.2x. Results go to bench/results/release.json.
+A failed run is reported (its hub log copied to bench/results/) and not timed; every
+hub is stopped by pid whatever fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402  (sets OLAB_HOME, OLAB_PROJECT, Prefect analytics off)
+from benchlib import banner, clear_lab_cache, fmt_table, median, stop_site_hub  # noqa: E402
+
+GOAL_FLOW_VS_PLAIN = 1.2
+# A lab that ran this share of the cell timeout or longer waited out a stall (the labs take seconds).
+STALL_FRACTION = 0.8
+
+
+def plain_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[str, float]) -> int:
+    """The release steps without Prefect flows; returns the hub's pid (the caller stops it)."""
+    from olab.config import load_site
+    from olab.files import content_hash
+    from olab.planning import hub_config_hash, hub_settings, hub_template, lab_cache_key, plan_hub, plan_labs
+    from olab.secrets import SecretStore
+    from olab.state import load_state, update_state
+    from tasks.jupyterhub import apply_hub, health_check, is_running, proxy_command
+    from tasks.notebooks import cached_result, discover_labs, run_lab, stage_lab, store_result
+    from tasks.python_env import find_environment, venv_tag
+
+    mark = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - mark
+        mark = now
+
+    site = load_site(str(site_path))
+    paths = site.paths
+    # build-image: the environment is already built; find it by its tag.
+    tag = venv_tag(site.image_context)
+    image = find_environment(paths.envs, site.config.image.name, tag)
+    if image is None:
+        raise RuntimeError(f"no built environment for {tag[:12]}; the benchmark builds it first")
+    update_state(site, image=image)
+    phase("environment")
+
+    # test-notebooks: cache lookup, then every lab that has not passed, 2 at a time.
+    settings = site.config.labs
+    labs = discover_labs(site.labs_dir)
+    keys = {lab.name: lab_cache_key(image, lab, settings.cell_timeout_seconds) for lab in labs}
+    cached = {name: hit for name, key in keys.items() if (hit := cached_result(paths.lab_cache, key))}
+    plan = plan_labs(labs, cached)
+    with tempfile.TemporaryDirectory(prefix="olab-labs-") as staging:
+        staged = {lab.name: stage_lab(lab, Path(staging)) for lab in plan.to_run}
+        with ThreadPoolExecutor(2) as pool:
+            fresh = list(
+                pool.map(
+                    lambda lab: run_lab.fn(
+                        image=image, lab=lab, notebook=staged[lab.name], cell_timeout=settings.cell_timeout_seconds
+                    ),
+                    plan.to_run,
+                )
+            )
+    failed = [r.describe() for r in fresh if not r.passed]
+    if failed:
+        raise RuntimeError("labs failed: " + "; ".join(failed))
+    for result in fresh:
+        store_result(paths.lab_cache, keys[result.lab], result)
+        labs_seconds[result.lab] = round(result.seconds, 2)
+    phase("labs")
+
+    # deploy-hub, as flows/deploy_hub.py does it (without its health check).
+    state = load_state(site)
+    SecretStore(paths.secrets).load_or_create()
+    for lab in labs:
+        stage_lab(lab, paths.labs)
+    hub = hub_settings(site, image, proxy_command=proxy_command(), run_as_root=os.geteuid() == 0)
+    template = hub_template()
+    config_hash = hub_config_hash(hub, template, content_hash((l.name, l.content_hash.encode()) for l in labs))
+    action = plan_hub(config_hash, state.hub, is_running(state.hub))
+    deployment = apply_hub.fn(site, image, hub, template, config_hash, action, state.hub)
+    update_state(site, hub=deployment)
+    phase("deploy")
+
+    # The health check on the live hub, recorded like check_hub does.
+    report = health_check.fn(site, settings.health_check_lab)
+    update_state(site, health=report)
+    if not report.ok:
+        raise RuntimeError(f"health check failed: {report.checks}")
+    phase("health")
+    return deployment.pid
+
+
+def flow_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[str, float]) -> int:
+    from flows.release import release
+
+    started = time.perf_counter()
+    result = release(site=str(site_path))
+    phases["release"] = time.perf_counter() - started
+    labs_seconds.update({r.lab: round(r.seconds, 2) for r in result.labs.results})
+    if not (result.labs.passed and result.health.ok and not any(r.cached for r in result.labs.results)):
+        raise RuntimeError("release did not run every lab or its health check failed")
+    return result.hub.pid
+
+
+def measure(kind: str, n: int) -> dict:
+    """One run from equal conditions; the hub is stopped in every case, by pid."""
+    from tasks.jupyterhub import stop_hub as stop_hub_process
+    from olab.config import load_site
+    from olab.state import load_state
+
+    site_path = benchlib.write_site(f"bench-rel-{kind}-{n}")
+    clear_lab_cache()
+    phases: dict[str, float] = {}
+    labs_seconds: dict[str, float] = {}
+    pid = None
+    started = time.perf_counter()
+    error = None
+    try:
+        pid = (plain_release if kind == "plain" else flow_release)(site_path, phases, labs_seconds)
+        stop_started = time.perf_counter()
+        hub = load_state(load_site(str(site_path))).hub
+        if hub is None or hub.pid != pid or not stop_hub_process(hub):
+            raise RuntimeError(f"{kind}: the hub (pid {pid}) was not running when it was to be stopped")
+        phases["stop"] = time.perf_counter() - stop_started
+        total = time.perf_counter() - started
+    except Exception as exc:  # a failed run is reported, not measured; the benchmark goes on
+        total = time.perf_counter() - started
+        error = f"{type(exc).__name__}: {exc}"
+        print(f"[bench] {kind} run FAILED after {total:.1f}s: {error}", flush=True)
+    finally:
+        leftovers = stop_site_hub(site_path, pid)
+        if leftovers:
+            print(f"[bench] {kind}: stopped leftover processes {leftovers}", flush=True)
+    if error:
+        # Keep the hub's log of a failed run (the site's runtime goes with the temp folder).
+        log = load_site(str(site_path)).paths.logs / "hub.log"
+        if log.is_file():
+            benchlib.RESULTS.mkdir(parents=True, exist_ok=True)
+            kept = benchlib.RESULTS / f"release-failed-{site_path.stem}-hub.log"
+            shutil.copyfile(log, kept)
+            print(f"[bench] hub log of the failed run: {kept}", flush=True)
+    cell_timeout = load_site(str(site_path)).config.labs.cell_timeout_seconds
+    stalls = sorted(lab for lab, seconds in labs_seconds.items() if seconds >= STALL_FRACTION * cell_timeout)
+    return {
+        "site": site_path.stem,
+        "error": error,
+        "seconds": total,
+        "phases": {k: round(v, 3) for k, v in phases.items()},
+        "labs_seconds": labs_seconds,
+        "stalled_labs": stalls,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="measured runs of each (median reported)")
+    parser.add_argument(
+        "--no-flow-heartbeat",
+        action="store_true",
+        help="diagnostic: run the flows with Prefect's flow-run heartbeat off (results in bench/results/release-no-heartbeat.json)",
+    )
+    args = parser.parse_args()
+    heartbeats = not args.no_flow_heartbeat
+    # Task logs outside a flow run go to the stdlib "olab" logger: show them, as Prefect shows its own.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s", "%H:%M:%S"))
+    olab_logger = logging.getLogger("olab")
+    olab_logger.setLevel(logging.INFO)
+    olab_logger.addHandler(handler)
+    olab_logger.propagate = False
+
+    from flows.build_image import build_image
+
+    with benchlib.prefect_server(), benchlib.flow_heartbeats(heartbeats):
+        banner("building the user environment (build-image flow, once, not measured)")
+        setup_site = benchlib.write_site("bench-rel-setup")
+        image = build_image(site=str(setup_site))
+        print(f"[bench] {image.pinned} at {image.location}")
+
+        banner("warm-up (not measured): one plain run, one flow run")
+        warm = {kind: measure(kind, 0) for kind in ("plain", "flow")}
+        print(f"[bench] warm-up: plain {warm['plain']['seconds']:.1f}s, flow {warm['flow']['seconds']:.1f}s")
+        for kind, run in warm.items():
+            if run["error"]:
+                print(f"[bench] warm-up {kind} failed: {run['error']}")
+
+        runs: dict[str, list[dict]] = {"plain": [], "flow": []}
+        failed: dict[str, list[dict]] = {"plain": [], "flow": []}
+        for i in range(args.rounds):
+            order = ("plain", "flow") if i % 2 == 0 else ("flow", "plain")
+            for kind in order:
+                banner(f"round {i + 1}/{args.rounds}: {kind}")
+                run = measure(kind, i + 1)
+                if run["error"]:
+                    failed[kind].append(run)
+                    continue
+                runs[kind].append(run)
+                print(
+                    f"[bench] {kind}: {run['seconds']:.2f}s {run['phases']} stalled labs: {run['stalled_labs'] or 'none'}",
+                    flush=True,
+                )
+
+    for kind, bad in failed.items():
+        for run in bad:
+            print(f"[bench] {kind} run on {run['site']} failed after {run['seconds']:.1f}s: {run['error']}")
+    if not runs["plain"] or not runs["flow"]:
+        print("[bench] no successful run of one side: no ratio")
+        benchlib.write_results(benchlib.results_name("release", heartbeats), {"benchmark": "release flow vs plain script", "failed": failed, "runs": runs})
+        return 1
+    plain = median([r["seconds"] for r in runs["plain"]])
+    flow = median([r["seconds"] for r in runs["flow"]])
+    ratio = flow / plain
+    clean = {k: [r["seconds"] for r in v if not r["stalled_labs"]] for k, v in runs.items()}
+    rows = [["", "median s", "min s", "max s", "runs ok", "failed", "stalled runs", "median s, stall-free"]]
+    for name, kind in (("plain script (same steps, no flows)", "plain"), ("release flow", "flow")):
+        values = [r["seconds"] for r in runs[kind]]
+        rows.append([
+            name, f"{median(values):.2f}", f"{min(values):.2f}", f"{max(values):.2f}", str(len(values)),
+            str(len(failed[kind])), str(len(values) - len(clean[kind])), f"{median(clean[kind]):.2f}" if clean[kind] else "n/a",
+        ])  # fmt: skip
+    print("\n" + fmt_table(rows))
+    print(f"\nflow / plain = {ratio:.2f}x (goal <= {GOAL_FLOW_VS_PLAIN:.1f}x: {'met' if ratio <= GOAL_FLOW_VS_PLAIN else 'MISSED'})")
+    print(f"flow - plain = {flow - plain:+.2f}s")
+    clean_ratio = median(clean["flow"]) / median(clean["plain"]) if clean["flow"] and clean["plain"] else None
+    if clean_ratio is not None:
+        print(f"stall-free runs only: flow / plain = {clean_ratio:.2f}x")
+
+    def phase_medians(kind: str) -> dict[str, float]:
+        names = runs[kind][0]["phases"].keys()
+        return {n: round(median([r["phases"][n] for r in runs[kind]]), 3) for n in names}
+
+    path = benchlib.write_results(
+        benchlib.results_name("release", heartbeats),
+        {
+            "benchmark": "release flow vs the same steps as a plain script",
+            "image": image.pinned,
+            "conditions": "environment built before both; lab result cache cleared, fresh site runtime and ports, "
+            "no hub running before each run; hub stopped after each run (included in the time)",
+            "prefect_server": "prefect.testing.utilities.prefect_test_harness, started before timing",
+            "flow_run_heartbeat": "on (Prefect default)" if heartbeats else "off (diagnostic)",
+            "warmup_seconds": {k: round(v["seconds"], 2) for k, v in warm.items()},
+            "warmup_errors": {k: v["error"] for k, v in warm.items() if v["error"]} or None,
+            "seconds": {k: [round(r["seconds"], 3) for r in v] for k, v in runs.items()},
+            "phases_seconds": {k: [r["phases"] for r in v] for k, v in runs.items()},
+            "median_phases_seconds": {k: phase_medians(k) for k in runs},
+            "median_seconds": {"plain": round(plain, 3), "flow": round(flow, 3)},
+            "stalled_labs": {k: [r["stalled_labs"] for r in v] for k, v in runs.items()},
+            "labs_seconds": {k: [r["labs_seconds"] for r in v] for k, v in runs.items()},
+            "median_seconds_stall_free": {k: round(median(v), 3) if v else None for k, v in clean.items()},
+            "ratios_stall_free": {"flow_over_plain": round(clean_ratio, 3)} if clean_ratio else None,
+            "ratios": {"flow_over_plain": round(ratio, 3)},
+            "failed_runs": {k: [{"site": r["site"], "seconds": round(r["seconds"], 1), "error": r["error"]} for r in v] for k, v in failed.items()},
+            "difference_seconds": round(flow - plain, 3),
+            "goals": {"flow_over_plain": {"max": GOAL_FLOW_VS_PLAIN, "met": ratio <= GOAL_FLOW_VS_PLAIN}},
+        },
+    )
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
