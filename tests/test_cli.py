@@ -107,3 +107,32 @@ def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
         if server_pid and pid_alive(server_pid):
             stop_process(server_pid)
     assert server_pid and not pid_alive(server_pid), "serve must stop the Prefect server it started"
+
+
+def test_lock_regenerates_a_lock_that_build_image_accepts(make_site, tmp_path, capsys):
+    from olab.planning import REQUIREMENTS_IN, REQUIREMENTS_LOCK, check_lock
+
+    context = tmp_path / "image"
+    context.mkdir()
+    (context / REQUIREMENTS_IN).write_text("six==1.16.0\n")
+    path = str(make_site("lock", image={"context": str(context)}))
+    assert main(["lock", "--site", path]) == 0
+    lock = (context / REQUIREMENTS_LOCK).read_text()
+    assert "six==1.16.0" in lock and "--hash=sha256:" in lock
+    check_lock((context / REQUIREMENTS_IN).read_bytes(), lock, context / REQUIREMENTS_LOCK)
+    (context / REQUIREMENTS_IN).write_text("six==1.16.0\nattrs\n")
+    with pytest.raises(Exception, match="regenerate it with `olab lock`"):
+        check_lock((context / REQUIREMENTS_IN).read_bytes(), lock, context / REQUIREMENTS_LOCK)
+
+
+def test_doctor_names_the_builder_or_what_to_install(make_site, capsys, monkeypatch, tmp_path):
+    path = str(make_site("doc", image={"builder": "auto"}))
+    assert main(["doctor", "--site", path]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^builder  (buildah|docker|venv) \(image.builder: auto\)", out, re.M)
+    # With no container tools on PATH, an explicit buildah site is told what to install.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    path = str(make_site("doc2", image={"builder": "buildah"}))
+    assert main(["doctor", "--site", path]) == 1
+    out = capsys.readouterr().out
+    assert "builder  MISSING: image.builder buildah: buildah and podman not installed: apt-get install buildah podman" in out
