@@ -66,17 +66,10 @@ def frozen(python: Path) -> dict[str, str]:
 
 def lab_env(python: Path, home: Path) -> dict[str, str]:
     """The same environment olab's run_lab gives a lab (private Jupyter home, agg backend)."""
+    from tasks.notebooks import private_lab_env
+
     home.mkdir(parents=True, exist_ok=True)
-    return {
-        "PATH": f"{python.parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "HOME": str(home),
-        "JUPYTER_DATA_DIR": str(home / "jupyter-data"),
-        "JUPYTER_CONFIG_DIR": str(home / "jupyter-config"),
-        "IPYTHONDIR": str(home / "ipython"),
-        "MPLBACKEND": "agg",
-        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-        "LANG": os.environ.get("LANG", "C.UTF-8"),
-    }
+    return private_lab_env(python.parent, home)
 
 
 DURATION = re.compile(r"^\s*([0-9.]+)s call\s+(\S+?)\.ipynb::")

@@ -99,18 +99,22 @@ def lab_command(
         argv = engine.run_prefix([(notebook.parent, "/labs"), (labrunner_script(), RUNNER_IN_CONTAINER)])
         argv += ["-e", "MPLBACKEND=agg", image.pinned, "python3", RUNNER_IN_CONTAINER, f"/labs/{notebook.name}", *runner_args]
         return argv, engine.env
-    # A private Jupyter/IPython home: no user-level kernelspec can shadow the environment's.
-    env = {
-        "PATH": f"{image.bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-        "HOME": str(work_dir),
-        "JUPYTER_DATA_DIR": str(work_dir / "jupyter-data"),
-        "JUPYTER_CONFIG_DIR": str(work_dir / "jupyter-config"),
-        "IPYTHONDIR": str(work_dir / "ipython"),
+    env = private_lab_env(image.bin, work_dir)
+    return [str(image.python), str(labrunner_script()), str(notebook), *runner_args], env
+
+
+def private_lab_env(bin_dir: Path, home: Path) -> dict[str, str]:
+    """A private Jupyter/IPython home: no user-level kernelspec can shadow the environment's."""
+    return {
+        "PATH": f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "HOME": str(home),
+        "JUPYTER_DATA_DIR": str(home / "jupyter-data"),
+        "JUPYTER_CONFIG_DIR": str(home / "jupyter-config"),
+        "IPYTHONDIR": str(home / "ipython"),
         "MPLBACKEND": "agg",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
         "LANG": os.environ.get("LANG", "C.UTF-8"),
     }
-    return [str(image.python), str(labrunner_script()), str(notebook), *runner_args], env
 
 
 @task(name="run-lab", cache_policy=NO_CACHE, task_run_name="run-lab-{lab.name}")
