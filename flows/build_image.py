@@ -8,8 +8,6 @@ the fallback.
 
 from __future__ import annotations
 
-import platform
-
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
@@ -21,14 +19,14 @@ from olab.models import BuildResult, ImageRef
 from olab.planning import image_tag, plan_build
 from olab.state import update_state
 from tasks.oci import build_and_push, containerfile_base, engine_for, ensure_debootstrap_base, insecure_registries, resolve_builder
-from tasks.python_env import build_environment, find_environment, read_context
+from tasks.python_env import build_environment, find_environment, read_context, venv_tag
 from tasks.registry import Registry, ensure_local_registry
 
 
 def _build_venv(site: Site) -> BuildResult:
     settings = site.config.image
     context = site.image_context
-    tag = image_tag(read_context(context), platform.python_version(), "venv")
+    tag = venv_tag(context)
     existing = find_environment(site.paths.envs, settings.name, tag)
     plan = plan_build(tag, existing)
     get_run_logger().info(plan.reason)

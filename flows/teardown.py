@@ -86,13 +86,15 @@ def write_restore_point(site: Site, point_id: str, users: list[str]) -> Manifest
     jobs.append(lambda: write_archive(paths.runtime, point / f"{HUB_ARCHIVE}.tar", HUB_ARCHIVE, include=HUB_PATHS))
     archives: list[ArchiveEntry] = parallel(jobs, os.cpu_count() or 2)
     state = load_state(site)
+    # The image the hub last ran; else the last one built.
+    image = state.hub.image if state.hub else state.image
     hub_archive = archives.pop()
     manifest = Manifest(
         id=point_id,
         site=site.name,
         created=datetime.now(UTC),
-        image=state.hub.image.pinned if state.hub else (state.image.pinned if state.image else None),
-        image_ref=(state.hub.image if state.hub else state.image).model_dump(mode="json") if (state.hub or state.image) else None,
+        image=image.pinned if image else None,
+        image_ref=image.model_dump(mode="json") if image else None,
         hub_config_hash=state.hub.config_hash if state.hub else None,
         users=archives,
         hub=hub_archive,
