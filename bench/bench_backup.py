@@ -88,9 +88,10 @@ def write_homes(homes: Path, users: int) -> dict:
 
 def settle() -> None:
     """Before every timed step: write back what earlier steps left dirty (and let ext4's
-    discards of removed files pass), so no step pays for the one before it. Caches stay."""
+    discards of removed files pass), so no step pays for the one before it. Caches stay.
+    (With a 1 s wait, single rounds on this VM still swung by up to 2x; 2 s steadied them.)"""
     os.sync()
-    time.sleep(1.0)
+    time.sleep(2.0)
 
 
 def tar_create(homes: Path, out: Path) -> float:

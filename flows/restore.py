@@ -27,7 +27,7 @@ from olab.faults import checkpoint
 from olab.guard import site_guard
 from olab.models import HubDeployment, ImageRef
 from olab.restore_points import choose_restore_point
-from tasks.backup import extract_and_verify, list_restore_points, parallel, read_manifest
+from tasks.backup import extract_and_verify, flush_filesystem, list_restore_points, parallel, read_manifest
 
 
 class UserRestore(BaseModel):
@@ -76,6 +76,7 @@ def swap_in(site: Site) -> None:
     """Replace whatever runtime there is with the verified staging folder."""
     delete_runtime(site)
     os.replace(staging_dir(site), site.paths.runtime)
+    flush_filesystem(site.paths.runtime)
 
 
 @flow(name="restore")

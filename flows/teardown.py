@@ -33,7 +33,9 @@ from tasks.backup import (
     list_restore_points,
     mark_complete,
     parallel,
+    remove_tree,
     scan,
+    sync_folder,
     verify_archive,
     write_archive,
     write_manifest,
@@ -107,11 +109,13 @@ def write_restore_point(site: Site, point_id: str, users: list[str]) -> Manifest
 def verify_restore_point(site: Site, manifest: Manifest) -> None:
     point = site.paths.backups / manifest.id
     jobs = [
-        (lambda u=u: verify_archive(point / "users" / u.archive, u, f"user {u.name}"))
+        (lambda u=u: verify_archive(point / "users" / u.archive, u, f"user {u.name}", durable=True))
         for u in manifest.users
     ]
-    jobs.append(lambda: verify_archive(point / manifest.hub.archive, manifest.hub, "hub state"))
+    jobs.append(lambda: verify_archive(point / manifest.hub.archive, manifest.hub, "hub state", durable=True))
     parallel(jobs, os.cpu_count() or 2)
+    # The archives are on disk (fsynced as they checked out); now their names.
+    sync_folder(point / "users")
     mark_complete(point)
 
 
@@ -121,12 +125,12 @@ def delete_runtime(site: Site) -> None:
         # Rename first, so a half-deleted runtime is never mistaken for a live one.
         doomed = runtime.with_name(runtime.name + ".deleting")
         if doomed.exists():
-            shutil.rmtree(doomed)
+            remove_tree(doomed)
         os.replace(runtime, doomed)
-        shutil.rmtree(doomed)
+        remove_tree(doomed)
     leftover = runtime.with_name(runtime.name + ".deleting")
     if leftover.exists():
-        shutil.rmtree(leftover)
+        remove_tree(leftover)
 
 
 def prune(site: Site, protect: set[str]) -> list[str]:

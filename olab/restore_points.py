@@ -5,7 +5,8 @@ A restore point is a folder under the site's backup location:
     rp-20261129T190000Z-1a2b3c/
         users/<name>.tar      one archive per user home
         hub.tar               the hub database, the secret store, the site state
-        manifest.json         every file: path, type, size, mode, mtime, sha256
+        manifest.json         every file: path, type, size, mode, mtime, owner, sha256;
+                              each archive's own digest
         COMPLETE              written last, after the archives were verified
 
 Only a folder with COMPLETE is ever chosen; pure functions here decide which.
@@ -17,9 +18,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
-SCHEMA_VERSION = 1
+# 2: archives digested with XXH3-128 ("archive_hash": "xxh3_128:<hex>") and mtimes kept
+#    to the nanosecond ("mtime_ns"). Schema 1 points ("archive_sha256") still restore.
+SCHEMA_VERSION = 2
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
 HUB_ARCHIVE = "hub"
@@ -32,6 +35,7 @@ class FileEntry(BaseModel):
     type: Literal["file", "dir", "symlink"]
     mode: int
     mtime: float
+    mtime_ns: int | None = None
     uid: int = 0
     gid: int = 0
     size: int = 0
@@ -47,7 +51,15 @@ class ArchiveEntry(BaseModel):
     name: str
     archive: str
     files: list[FileEntry]
-    archive_sha256: str
+    archive_hash: str  # "algorithm:hex" over every byte of the archive
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schema_1(cls, data):
+        if isinstance(data, dict) and "archive_sha256" in data and "archive_hash" not in data:
+            data = {**data, "archive_hash": f"sha256:{data['archive_sha256']}"}
+            del data["archive_sha256"]
+        return data
 
     @property
     def bytes(self) -> int:

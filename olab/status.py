@@ -52,11 +52,26 @@ def last_runs(site: Site, limit: int = 8) -> list[str]:
 
 
 def site_status(site: Site, runs: bool = True) -> list[str]:
+    from tasks.backup import list_restore_points, read_manifest
+
     state = load_state(site)
+    mark = read_mark(site)
     out = [f"site {site.name} ({site.config.target.value}) from {site.source}", f"  runtime  {site.paths.runtime}"]
-    out.append(f"  image    {state.image.pinned if state.image else 'none built yet (olab build)'}")
+    if state.image:
+        out.append(f"  image    {state.image.pinned}")
+    elif mark:
+        # The runtime (and its state) is inside the restore point; its manifest names the image.
+        try:
+            image = read_manifest(site.paths.backups / mark.restore_point).image or "none recorded"
+        except (OSError, ValueError):
+            image = "unknown (restore point unreadable)"
+        out.append(f"  image    {image} (kept in restore point {mark.restore_point})")
+    else:
+        out.append("  image    none built yet (olab build)")
     hub = state.hub
-    if hub is None:
+    if hub is None and mark:
+        out.append("  hub      torn down (olab restore brings it back)")
+    elif hub is None:
         out.append("  hub      never deployed (olab deploy)")
     else:
         alive = pid_alive(hub.pid)
@@ -71,9 +86,6 @@ def site_status(site: Site, runs: bool = True) -> list[str]:
     if state.health:
         failed = [c.name for c in state.health.checks if not c.ok]
         out.append(f"  health   {'ok' if not failed else 'FAILED: ' + ', '.join(failed)} ({len(state.health.checks)} checks)")
-    from tasks.backup import list_restore_points
-
-    mark = read_mark(site)
     points = list_restore_points(site.paths.backups)
     complete = [p.id for p in points if p.complete]
     if mark:

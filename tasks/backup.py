@@ -1,26 +1,24 @@
 """The backup location on disk: archives of user homes and hub state, verified.
 
-Archives are plain (uncompressed) PAX tar files written in one pass that also
-hashes every file; verification reads them back. Extraction goes to a staging
-folder and every extracted file is checked against the manifest before the
-staging folder may replace anything.
+Archives are plain tar files (``olab.tarball``) written in one pass that also
+takes every file's SHA-256 and the archive's own digest; verification reads
+them back. Extraction goes to a staging folder and every extracted file is
+checked against the manifest before the staging folder may replace anything.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import stat
-import tarfile
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from olab import tarball
 from olab.files import write_json
 from olab.restore_points import COMPLETE, MANIFEST, ArchiveEntry, FileEntry, Manifest, RestorePoint
-
-CHUNK = 1 << 20
+from olab.tarball import Member
 
 
 class BackupError(RuntimeError):
@@ -31,64 +29,19 @@ class VerificationFailed(BackupError):
     """A restore point does not match its manifest; the message names what."""
 
 
-class _HashingWriter:
-    """A file wrapper that hashes what passes through it."""
-
-    def __init__(self, raw):
-        self.raw = raw
-        self.digest = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        return self.raw.write(data)
-
-    def tell(self) -> int:
-        return self.raw.tell()
-
-    def flush(self) -> None:
-        self.raw.flush()
-
-
-class _HashingReader:
-    def __init__(self, raw):
-        self.raw = raw
-        self.digest = hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.digest.update(data)
-        return data
-
-
-def _walk(root: Path, include: list[str] | None) -> list[Path]:
-    """Every entry below root (dirs, files, symlinks), parents before children."""
-    starts = [root / p for p in include] if include is not None else [root]
-    found: list[Path] = []
-    for start in starts:
-        if not start.exists() and not start.is_symlink():
-            continue
-        found.append(start)
-        if start.is_dir() and not start.is_symlink():
-            for folder, dirs, files in os.walk(start):
-                dirs.sort()
-                here = Path(folder)
-                for name in dirs:
-                    found.append(here / name)
-                for name in sorted(files):
-                    found.append(here / name)
-    return found
-
-
-def _rel(root: Path, path: Path) -> str:
-    rel = path.relative_to(root).as_posix()
-    return rel if rel else "."
+def _entry(member: Member) -> FileEntry:
+    # Built without validation: the values come straight from lstat and our own hashing.
+    return FileEntry.model_construct(
+        path=member.path, type=member.type, mode=member.mode, mtime=member.mtime_ns / 1e9,
+        mtime_ns=member.mtime_ns, uid=member.uid, gid=member.gid, size=member.size,
+        sha256=member.sha256, target=member.target,
+    )
 
 
 def scan(root: Path, include: list[str] | None = None) -> tuple[int, int]:
     """(files, bytes) below root: for planning and for the space check."""
     files = size = 0
-    for path in _walk(root, include):
-        st = path.lstat()
+    for _rel, st in tarball.walk(root, include):
         if stat.S_ISREG(st.st_mode):
             files += 1
             size += st.st_size
@@ -96,154 +49,119 @@ def scan(root: Path, include: list[str] | None = None) -> tuple[int, int]:
 
 
 def write_archive(root: Path, archive: Path, name: str, include: list[str] | None = None) -> ArchiveEntry:
-    """Archive root (or the listed paths below it); hash every file as it is read."""
+    """Archive root (or the listed paths below it), hashing every file as it is read.
+
+    The archive is private (0600) from its first byte: the hub's holds its
+    secrets. Its writeback is started, not awaited: ``verify_archive`` with
+    ``durable=True`` makes it durable."""
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".partial")
-    entries: list[FileEntry] = []
-    # Private from the first byte: the hub's archive holds its secrets.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as raw:
-        out = _HashingWriter(raw)
-        with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for path in _walk(root, include):
-                st = path.lstat()
-                rel = _rel(root, path)
-                info = tarfile.TarInfo(rel)
-                info.mode = stat.S_IMODE(st.st_mode)
-                info.mtime = st.st_mtime
-                info.uid, info.gid = st.st_uid, st.st_gid
-                common = {"path": rel, "mode": info.mode, "mtime": st.st_mtime, "uid": st.st_uid, "gid": st.st_gid}
-                if stat.S_ISLNK(st.st_mode):
-                    info.type = tarfile.SYMTYPE
-                    info.linkname = os.readlink(path)
-                    tar.addfile(info)
-                    entries.append(FileEntry(type="symlink", target=info.linkname, **common))
-                elif stat.S_ISDIR(st.st_mode):
-                    info.type = tarfile.DIRTYPE
-                    tar.addfile(info)
-                    entries.append(FileEntry(type="dir", **common))
-                elif stat.S_ISREG(st.st_mode):
-                    with open(path, "rb") as source:
-                        reader = _HashingReader(source)
-                        info.size = st.st_size
-                        tar.addfile(info, reader)
-                    entries.append(FileEntry(type="file", size=st.st_size, sha256=reader.digest.hexdigest(), **common))
-                # Sockets, fifos and devices are not a student's work: skipped.
-        raw.flush()
-        os.fsync(raw.fileno())
+    try:
+        members, digest, _size = tarball.write(root, tmp, include)
+    except (tarball.ArchiveError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise BackupError(f"{name}: {detail}") from None
     os.replace(tmp, archive)
-    return ArchiveEntry(name=name, archive=archive.name, files=entries, archive_sha256=out.digest.hexdigest())
+    return ArchiveEntry(name=name, archive=archive.name, files=[_entry(m) for m in members], archive_hash=digest)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+def _check_listing(member: Member, want: FileEntry | None, who: str, *, content: bool) -> None:
+    if want is None:
+        raise VerificationFailed(f"{who}: {member.path}: in the archive but not in the manifest")
+    if member.type != want.type or (member.type == "file" and member.size != want.size):
+        raise VerificationFailed(f"{who}: {member.path}: size or type differs from the manifest")
+    if member.type == "symlink" and member.target != want.target:
+        raise VerificationFailed(f"{who}: {member.path}: link target differs from the manifest")
+    if content and member.type == "file" and member.sha256 != want.sha256:
+        raise VerificationFailed(f"{who}: {member.path}: content differs from the manifest (sha256 mismatch)")
 
 
-def verify_archive(archive: Path, entry: ArchiveEntry, who: str, *, deep: bool = False) -> None:
+def verify_archive(archive: Path, entry: ArchiveEntry, who: str, *, deep: bool = False, durable: bool = False) -> None:
     """Read an archive back and check it against its manifest entry.
 
-    One pass checks the archive's own hash and its listing (names, types,
-    sizes, link targets). The per-file content hashes are only needed to name
-    the damaged file when the archive's hash does not match, so that deeper
-    pass runs only then.
+    One pass checks the archive's digest (every byte written) and its listing
+    (names, types, sizes, link targets). The per-file SHA-256s are only needed
+    to name the damaged file when the digest does not match, so that deeper
+    pass runs only then. With durable, the archive is fsynced once it checks out.
     """
     if not archive.is_file():
         raise VerificationFailed(f"{who}: archive {archive.name} is missing")
     expected = {f.path: f for f in entry.files}
-    seen: set[str] = set()
+    algorithm = entry.archive_hash.partition(":")[0]
     try:
-        with open(archive, "rb") as raw:
-            reader = _HashingReader(raw)
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:
-                    want = expected.get(member.name)
-                    if want is None:
-                        raise VerificationFailed(f"{who}: {member.name}: in the archive but not in the manifest")
-                    seen.add(member.name)
-                    if member.isfile():
-                        if member.size != want.size or want.type != "file":
-                            raise VerificationFailed(f"{who}: {member.name}: size or type differs from the manifest")
-                        if deep:
-                            digest = hashlib.sha256()
-                            handle = tar.extractfile(member)
-                            while block := handle.read(CHUNK):
-                                digest.update(block)
-                            if digest.hexdigest() != want.sha256:
-                                raise VerificationFailed(f"{who}: {member.name}: content differs from the manifest (sha256 mismatch)")
-                    elif member.issym():
-                        if member.linkname != want.target:
-                            raise VerificationFailed(f"{who}: {member.name}: link target differs from the manifest")
-                    elif not member.isdir():
-                        raise VerificationFailed(f"{who}: {member.name}: an entry of a kind olab never writes")
-                # Drain the tail so the archive's hash covers every byte.
-                while reader.read(CHUNK):
-                    pass
-    except tarfile.TarError as exc:
+        found, digest = tarball.scan(archive, algorithm, hash_files=deep)
+    except tarball.ArchiveError as exc:
         if not deep:
             verify_archive(archive, entry, who, deep=True)
         raise VerificationFailed(f"{who}: archive {archive.name} is damaged: {exc}") from None
+    seen = set()
+    for member in found:
+        _check_listing(member, expected.get(member.path), who, content=deep)
+        seen.add(member.path)
     missing = sorted(set(expected) - seen)
     if missing:
         raise VerificationFailed(f"{who}: {missing[0]}: in the manifest but not in the archive")
-    if reader.digest.hexdigest() != entry.archive_sha256:
+    if digest != entry.archive_hash:
         if not deep:
             verify_archive(archive, entry, who, deep=True)
         raise VerificationFailed(f"{who}: archive {archive.name} differs from the one written")
-
-
-def _contained(dest: Path):
-    """A tar filter that keeps every member inside dest: no absolute or .. paths,
-    no hard links or device files, and no path through a symlink (a member
-    cannot write through a link an earlier member made)."""
-
-    def check(member: tarfile.TarInfo, _dest: str) -> tarfile.TarInfo:
-        parts = Path(member.name).parts
-        if member.name.startswith("/") or ".." in parts:
-            raise VerificationFailed(f"archive member {member.name!r} points outside its folder")
-        if not (member.isfile() or member.isdir() or member.issym()):
-            raise VerificationFailed(f"archive member {member.name!r} is a kind olab never writes")
-        here = dest
-        for part in parts[:-1]:
-            here = here / part
-            if here.is_symlink():
-                raise VerificationFailed(f"archive member {member.name!r} would be written through a symlink")
-        return member
-
-    return check
+    if durable:
+        tarball.durable(archive)
 
 
 def extract_and_verify(archive: Path, entry: ArchiveEntry, dest: Path, who: str) -> None:
-    """Check the archive, unpack it into dest (a staging folder), then check
-    every unpacked file against the manifest."""
+    """Check the archive, unpack it into dest (new entries only: a staging
+    folder), and check every unpacked file against the manifest.
+
+    A damaged archive is refused before anything is unpacked. Each file's
+    SHA-256 is taken from the bytes written to it; then every entry's type,
+    size, mode and link target is checked on disk.
+    """
     verify_archive(archive, entry, who)
+    expected = {f.path: f for f in entry.files}
+    created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
+
+    def expect(member: Member) -> None:
+        want = expected.get(member.path)
+        _check_listing(member, want, who, content=False)
+        if want.mtime_ns is not None:
+            member.mtime_ns = want.mtime_ns
+
     try:
-        with tarfile.open(archive, mode="r:") as tar:
-            tar.extractall(dest, numeric_owner=True, filter=_contained(dest))
-    except (tarfile.TarError, OSError) as exc:
-        raise VerificationFailed(f"{who}: archive {archive.name} could not be unpacked: {exc}") from None
-    _check_tree(dest, entry, who)
+        try:
+            found, digest = tarball.unpack(archive, dest, entry.archive_hash.partition(":")[0], expect)
+        except (tarball.ArchiveError, OSError) as exc:
+            raise VerificationFailed(f"{who}: archive {archive.name} could not be unpacked: {exc}") from None
+        for member in found:
+            _check_listing(member, expected[member.path], who, content=True)
+        if digest != entry.archive_hash:
+            raise VerificationFailed(f"{who}: archive {archive.name} changed while it was unpacked")
+        _check_tree(dest, entry, who)
+    except BaseException:
+        if created:
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
 
 
 def _check_tree(dest: Path, entry: ArchiveEntry, who: str) -> None:
     for want in entry.files:
         path = dest / want.path if want.path != "." else dest
-        if not path.exists() and not path.is_symlink():
-            raise VerificationFailed(f"{who}: {want.path}: missing after unpacking")
-        st = path.lstat()
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            raise VerificationFailed(f"{who}: {want.path}: missing after unpacking") from None
         if want.type == "symlink":
             if not stat.S_ISLNK(st.st_mode) or os.readlink(path) != want.target:
                 raise VerificationFailed(f"{who}: {want.path}: link target differs from the manifest")
             continue
         if stat.S_IMODE(st.st_mode) != want.mode:
             raise VerificationFailed(f"{who}: {want.path}: mode {stat.S_IMODE(st.st_mode):o} differs from the manifest ({want.mode:o})")
-        if want.type == "file":
-            if st.st_size != want.size or file_sha256(path) != want.sha256:
-                raise VerificationFailed(f"{who}: {want.path}: content differs from the manifest (sha256 mismatch)")
+        if want.type == "file" and (not stat.S_ISREG(st.st_mode) or st.st_size != want.size):
+            raise VerificationFailed(f"{who}: {want.path}: size differs from the manifest")
+        if want.type == "dir" and not stat.S_ISDIR(st.st_mode):
+            raise VerificationFailed(f"{who}: {want.path}: not a folder after unpacking")
 
 
 def read_manifest(point: Path) -> Manifest:
@@ -260,11 +178,18 @@ def mark_complete(point: Path) -> None:
         out.write("complete\n")
         out.flush()
         os.fsync(out.fileno())
-    dir_fd = os.open(point, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_folder(point)
+
+
+def flush_filesystem(path: Path) -> None:
+    """Everything written to path's filesystem reaches the disk: a restored
+    runtime must be durable before the mark that points at its restore point goes."""
+    tarball.sync_filesystem(path)
+
+
+def sync_folder(path: Path) -> None:
+    """fsync a folder: the names created in it are on disk."""
+    tarball.durable(path)
 
 
 def list_restore_points(location: Path) -> list[RestorePoint]:
@@ -298,6 +223,18 @@ def check_writable(location: Path, needed_bytes: int) -> None:
             f"backup location {location} has {free / 2**20:.1f} MiB free; the restore point needs about "
             f"{(needed_bytes + margin) / 2**20:.1f} MiB"
         )
+
+
+def remove_tree(root: Path) -> None:
+    """rmtree, with the folders two levels down (a runtime's homes/<user>)
+    removed on several threads: unlinking is kernel work that overlaps."""
+    jobs = []
+    for child in root.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            jobs += [(lambda g=g: shutil.rmtree(g) if g.is_dir() and not g.is_symlink() else g.unlink())
+                     for g in child.iterdir()]
+    parallel(jobs, 2 * (os.cpu_count() or 2))
+    shutil.rmtree(root)
 
 
 def parallel(jobs, workers: int):

@@ -23,17 +23,6 @@ def make_home(root: Path) -> Path:
     return root
 
 
-def test_archive_round_trip_and_every_check(tmp_path):
-    home = make_home(tmp_path / "home")
-    entry = write_archive(home, tmp_path / "home.tar", "u")
-    verify_archive(tmp_path / "home.tar", entry, "user u")
-    out = tmp_path / "out"
-    extract_and_verify(tmp_path / "home.tar", entry, out, "user u")
-    assert (out / "b c.bin").read_bytes() == (home / "b c.bin").read_bytes()
-    assert os.readlink(out / "dangling") == "/nowhere"
-    assert (out / "sub" / "empty").is_dir()
-
-
 def test_a_flipped_byte_is_named_by_file(tmp_path):
     home = make_home(tmp_path / "home")
     archive = tmp_path / "home.tar"

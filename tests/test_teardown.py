@@ -24,6 +24,7 @@ from olab.config import load_site
 from olab.runner import pid_alive
 from olab.secrets import SecretStore
 from olab.state import load_state, read_mark
+from olab.status import site_status
 from tasks.backup import BackupError, VerificationFailed, list_restore_points
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,6 +117,9 @@ def test_round_trip_keeps_every_file_the_database_and_the_secrets(live_site):
     for archive in [point / "hub.tar", *(point / "users").iterdir()]:
         assert stat.S_IMODE(archive.stat().st_mode) == 0o600
     assert read_mark(site).phase == "torn-down"
+    status = "\n".join(site_status(site, runs=False))
+    assert f"(kept in restore point {report.restore_point})" in status and "hub      torn down" in status
+    assert "none built yet" not in status
     again = teardown(site=str(path))
     assert again.already_torn_down
 
