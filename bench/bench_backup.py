@@ -1,7 +1,7 @@
 """teardown and restore of 100 users x 10 MiB against plain GNU tar of the same data.
 
     pip install -e '.[bench]'
-    python bench/bench_backup.py [--users 100] [--runs 3]
+    python bench/bench_backup.py [--users 100] [--runs 5] [--flow-runs 2]
 
 One run of this script:
 
@@ -10,18 +10,31 @@ One run of this script:
   ``site.paths.homes/<user>/``: per user one 5 MiB file, three 1 MiB files and
   about 2 MiB of small files (1-64 KiB) spread over a few folders, plus an empty
   folder and a symlink; random bytes from a seeded RNG (incompressible);
-- baseline teardown: ``tar -cf base.tar -C homes .`` (GNU tar, one process) onto
-  the same filesystem as the site's backups; baseline restore: ``tar -xf`` into an
-  empty folder. Nothing is dropped from the page cache, for either side; before
-  every timed step ``sync`` writes back what the previous step left dirty. A second,
-  diagnostic teardown baseline adds ``sync base.tar`` (olab fsyncs every archive);
-- olab, data part only (what tar does, plus olab's hashing, fsync and verification):
-  teardown = ``write_restore_point.fn`` + ``verify_restore_point.fn`` on a stopped
-  hub; restore = ``unpack_and_verify.fn`` (unpack to staging, check every file);
-- olab, whole flows: ``teardown`` (stops the hub, archives, verifies, deletes the
-  runtime) and ``restore`` (unpacks and verifies, swaps in, redeploys the hub and
-  runs its health check, which tar does not do);
-- baseline and olab alternate, ``--runs`` rounds, medians; goal: olab / tar <= 1.5x.
+- data rounds (``--runs``), the hub stopped: baseline teardown ``tar -cf
+  base.tar -C homes .`` (GNU tar, one process) onto the same filesystem as the
+  site's backups, and, diagnostic, the same plus ``sync base.tar`` (olab fsyncs
+  every archive); olab teardown = ``write_restore_point.fn`` +
+  ``verify_restore_point.fn``; baseline restore ``tar -xf`` into a new folder;
+  olab restore = ``unpack_and_verify.fn`` (verify, unpack to staging, check every
+  file). Nothing is deleted during these rounds: what a step leaves is renamed
+  into a trash folder (see "Recently deleted inodes" below);
+- flow rounds (``--flow-runs``): the whole ``teardown`` flow on a live hub (stops
+  it, archives, verifies, deletes the runtime) and the whole ``restore`` flow
+  (unpacks and verifies, swaps in, redeploys the hub and runs its health check,
+  which tar does not do);
+- nothing is dropped from the page cache, for either side; before every timed
+  step ``settle`` writes back what the previous step left dirty and frees the
+  same 1.5 GiB of just-used page cache for the step to write into (see there);
+- baseline and olab alternate; medians; goal: olab / tar <= 1.5x.
+
+Recently deleted inodes: this machine's root filesystem is ext4 without a
+journal. There, for 60 to 300 s after files are deleted, creating files makes the
+inode allocator skip and re-read every recently deleted inode (``perf``: 60 % of
+``tar -xf``'s time in ``recently_deleted``/``find_get_block_common``), so one
+``tar -xf`` of this data took 0.9 s or 7.5 s depending on what was deleted in the
+minutes before. The data rounds therefore delete nothing until they are done.
+The flow rounds cannot avoid it: the restore flow runs right after a teardown
+that deleted 7,000 inodes (a Monday restore after a Friday teardown would not).
 
 Results go to bench/results/backup.json.
 """
@@ -86,12 +99,32 @@ def write_homes(homes: Path, users: int) -> dict:
     return {"users": users, "files": total_files, "bytes": total_bytes}
 
 
+BALLAST_MIB = 1536  # more than any timed step writes (1000 MiB)
+BALLAST = BENCH_ROOT / "ballast.bin"
+
+
 def settle() -> None:
-    """Before every timed step: write back what earlier steps left dirty (and let ext4's
-    discards of removed files pass), so no step pays for the one before it. Caches stay.
-    (With a 1 s wait, single rounds on this VM still swung by up to 2x; 2 s steadied them.)"""
+    """Before every timed step, the same starting point for tar and olab.
+
+    - ``sync``, then 2 s: nothing left dirty by the step before is written back
+      during this one, and ext4's discards of removed files pass. Caches stay.
+    - Release the ballast: a 1.5 GiB file written (untimed) before the wait is
+      deleted, so the step writes into page cache pages this VM has just used.
+      Pages the guest has not touched for a while cost 2-15x more to write into
+      (measured: 1 GiB into a new file took 0.17 s or 1.0-2.6 s of system time,
+      depending only on that). Without the ballast, ``tar -cf`` (which deletes
+      the previous ``base.tar`` first) always got recycled pages and olab never did.
+    """
+    block = os.urandom(MIB)
+    fd = os.open(BALLAST, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(BALLAST_MIB):
+            os.write(fd, block)
+    finally:
+        os.close(fd)
     os.sync()
     time.sleep(2.0)
+    BALLAST.unlink()
 
 
 def tar_create(homes: Path, out: Path) -> float:
@@ -112,15 +145,14 @@ def tar_create_synced(homes: Path, out: Path) -> float:
     return time.perf_counter() - started
 
 
-def tar_extract(archive: Path, dest: Path) -> float:
-    if dest.exists():
-        shutil.rmtree(dest)
+def tar_extract(archive: Path, dest: Path, trash: Path) -> float:
+    """tar -xf into a new folder, which then goes to the trash (deleted after the data rounds)."""
     dest.mkdir(parents=True)
     settle()
     started = time.perf_counter()
     subprocess.run(["tar", "-xf", str(archive), "-C", str(dest)], check=True)
     seconds = time.perf_counter() - started
-    shutil.rmtree(dest)
+    os.replace(dest, trash / dest.name)
     return seconds
 
 
@@ -137,13 +169,14 @@ def olab_data_teardown(site) -> tuple[float, float, str]:
     return t_write, t_verify, point_id
 
 
-def olab_data_restore(site, point_id: str) -> float:
+def olab_data_restore(site, point_id: str, trash_as: Path) -> float:
+    """unpack_and_verify into the site's staging folder, which then goes to the trash."""
     from flows.restore import staging_dir, unpack_and_verify
 
     settle()
     seconds, users = timed(lambda: unpack_and_verify.fn(site, point_id))
     assert all(u.verified for u in users)
-    shutil.rmtree(staging_dir(site))
+    os.replace(staging_dir(site), trash_as)
     return seconds
 
 
@@ -172,7 +205,8 @@ def stop_site(site) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--users", type=int, default=100)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5, help="data rounds")
+    parser.add_argument("--flow-runs", type=int, default=2, help="whole-flow rounds")
     args = parser.parse_args()
     logging.getLogger("prefect").setLevel(logging.WARNING)
 
@@ -183,8 +217,11 @@ def main() -> int:
     site = load_site(str(site_path))
     base_dir = site.paths.backups.parent / "baseline"  # beside the backups: the same filesystem
     base_dir.mkdir(parents=True, exist_ok=True)
-    base_tar, base_x = base_dir / "base.tar", base_dir / "extracted"
-    rounds = []
+    base_tar = base_dir / "base.tar"
+    trash = base_dir / "trash"  # same filesystem: renames, no deletions, during the data rounds
+    trash.mkdir()
+    rounds: list[dict] = []
+    flow_rounds: list[dict] = []
     result: dict = {"tar": subprocess.run(["tar", "--version"], capture_output=True, text=True).stdout.splitlines()[0]}
     try:
         with benchlib.prefect_server():
@@ -201,17 +238,25 @@ def main() -> int:
             result["data"] = data
             expected = students_scan(site)
 
+            stop_site(site)
             for r in range(args.runs):
-                banner(f"round {r + 1} of {args.runs}")
+                banner(f"data round {r + 1} of {args.runs}")
                 row: dict = {"load_before": os.getloadavg()[0]}
-                row["hub_stop"], _ = timed(lambda: stop_site(site))
                 row["tar_create_synced"] = tar_create_synced(site.paths.homes, base_tar)
                 row["tar_create"] = tar_create(site.paths.homes, base_tar)
                 row["olab_write"], row["olab_verify"], point = olab_data_teardown(site)
                 row["olab_data_teardown"] = row["olab_write"] + row["olab_verify"]
-                row["tar_extract"] = tar_extract(base_tar, base_x)
-                row["olab_data_restore"] = olab_data_restore(site, point)
-                drop_restore_points(site)
+                row["tar_extract"] = tar_extract(base_tar, base_dir / f"extracted-{r}", trash)
+                row["olab_data_restore"] = olab_data_restore(site, point, trash / f"staging-{r}")
+                os.replace(site.paths.backups / point, trash / point)
+                row["load_after"] = os.getloadavg()[0]
+                rounds.append(row)
+                print("[bench] " + ", ".join(f"{k} {v:.2f}" + ("" if k.startswith("load") else "s") for k, v in row.items()), flush=True)
+            banner("deleting what the data rounds left (not measured)")
+            shutil.rmtree(trash)
+            for r in range(args.flow_runs):
+                banner(f"flow round {r + 1} of {args.flow_runs}")
+                row = {"load_before": os.getloadavg()[0]}
                 deploy_hub(site=str(site_path), image=image, check=False)  # a live hub for the teardown flow
                 settle()
                 row["olab_teardown_flow"], report = timed(lambda: teardown(site=str(site_path)))
@@ -228,33 +273,36 @@ def main() -> int:
                     if not home.name.startswith("student"):
                         shutil.rmtree(home)
                 row["load_after"] = os.getloadavg()[0]
-                rounds.append(row)
-                print(
-                    "[bench] "
-                    + ", ".join(f"{k} {v:.2f}" + ("" if k.startswith("load") else "s") for k, v in row.items()),
-                    flush=True,
-                )
+                flow_rounds.append(row)
+                print("[bench] " + ", ".join(f"{k} {v:.2f}" + ("" if k.startswith("load") else "s") for k, v in row.items()), flush=True)
     finally:
         stop_site(site)
         benchlib.stop_site_hub(site_path)
 
-    def med(key: str) -> float:
-        return median([r[key] for r in rounds])
+    def med(key: str, of: list[dict] = rounds) -> float:
+        return median([r[key] for r in of])
 
     tc, tx = med("tar_create"), med("tar_extract")
     comparisons = {
         "teardown data part (write + verify) / tar -cf": (med("olab_data_teardown"), tc),
         "teardown data part / (tar -cf + sync FILE)": (med("olab_data_teardown"), med("tar_create_synced")),
-        "teardown flow (stop hub ... delete runtime) / tar -cf": (med("olab_teardown_flow"), tc),
         "restore data part (unpack_and_verify) / tar -xf": (med("olab_data_restore"), tx),
-        "restore flow (incl. redeploy + health check) / tar -xf": (med("olab_restore_flow"), tx),
-        "restore flow minus its health check / tar -xf": (
-            median([r["olab_restore_flow"] - r["restore_health_check"] for r in rounds]), tx),
     }
+    if flow_rounds:
+        comparisons |= {
+            "teardown flow (stop hub ... delete runtime) / tar -cf": (med("olab_teardown_flow", flow_rounds), tc),
+            "restore flow (incl. redeploy + health check) / tar -xf": (med("olab_restore_flow", flow_rounds), tx),
+            "restore flow minus its health check / tar -xf": (
+                median([r["olab_restore_flow"] - r["restore_health_check"] for r in flow_rounds]), tx),
+        }
+    medians = {k: med(k) for k in rounds[0] if not k.startswith("load")}
+    if flow_rounds:
+        medians |= {k: med(k, flow_rounds) for k in flow_rounds[0] if not k.startswith("load")}
     result.update(
         {
             "rounds": rounds,
-            "medians": {k: med(k) for k in rounds[0] if not k.startswith("load")},
+            "flow_rounds": flow_rounds,
+            "medians": medians,
             "ratios": {k: {"olab": o, "tar": b, "ratio": o / b, "goal": GOAL_RATIO} for k, (o, b) in comparisons.items()},
         }
     )

@@ -111,14 +111,17 @@ def verify_archive(archive: Path, entry: ArchiveEntry, who: str, *, deep: bool =
 
 
 def extract_and_verify(archive: Path, entry: ArchiveEntry, dest: Path, who: str) -> None:
-    """Check the archive, unpack it into dest (new entries only: a staging
-    folder), and check every unpacked file against the manifest.
+    """Unpack an archive into dest (new entries only: a staging folder) and
+    check everything against the manifest, in one pass over the archive.
 
-    A damaged archive is refused before anything is unpacked. Each file's
-    SHA-256 is taken from the bytes written to it; then every entry's type,
-    size, mode and link target is checked on disk.
+    Every member must be in the manifest with the same type, size and link
+    target before anything of it is written; each file's SHA-256 is taken from
+    the bytes written to it; the archive's digest must match; then every
+    entry's type, size, mode and link target is checked on disk. On any
+    mismatch nothing unpacked is left behind (dest is removed if this made it).
     """
-    verify_archive(archive, entry, who)
+    if not archive.is_file():
+        raise VerificationFailed(f"{who}: archive {archive.name} is missing")
     expected = {f.path: f for f in entry.files}
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
@@ -132,12 +135,17 @@ def extract_and_verify(archive: Path, entry: ArchiveEntry, dest: Path, who: str)
     try:
         try:
             found, digest = tarball.unpack(archive, dest, entry.archive_hash.partition(":")[0], expect)
-        except (tarball.ArchiveError, OSError) as exc:
+        except tarball.ArchiveError as exc:
+            raise VerificationFailed(f"{who}: archive {archive.name}: {exc}") from None
+        except OSError as exc:
             raise VerificationFailed(f"{who}: archive {archive.name} could not be unpacked: {exc}") from None
         for member in found:
             _check_listing(member, expected[member.path], who, content=True)
+        missing = sorted(set(expected) - {m.path for m in found})
+        if missing:
+            raise VerificationFailed(f"{who}: {missing[0]}: in the manifest but not in the archive")
         if digest != entry.archive_hash:
-            raise VerificationFailed(f"{who}: archive {archive.name} changed while it was unpacked")
+            raise VerificationFailed(f"{who}: archive {archive.name} differs from the one written")
         _check_tree(dest, entry, who)
     except BaseException:
         if created:

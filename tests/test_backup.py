@@ -32,7 +32,7 @@ def test_a_flipped_byte_is_named_by_file(tmp_path):
     archive.write_bytes(bytes(data))
     with pytest.raises(VerificationFailed, match=r"user u: sub/a.txt: content differs"):
         extract_and_verify(archive, entry, tmp_path / "out", "user u")
-    assert not (tmp_path / "out").exists(), "nothing is unpacked from a damaged archive"
+    assert not (tmp_path / "out").exists(), "nothing unpacked from a damaged archive is left"
 
 
 def _crafted(tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> tuple[Path, ArchiveEntry]:

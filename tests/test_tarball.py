@@ -109,12 +109,12 @@ def archived(tmp_path: Path):
     return archive, write_archive(odd_home(tmp_path / "home"), archive, "u")
 
 
-def test_a_damaged_header_is_reported_and_nothing_is_unpacked(tmp_path):
+def test_a_damaged_header_is_reported_and_nothing_is_left_unpacked(tmp_path):
     archive, entry = archived(tmp_path)
     data = bytearray(archive.read_bytes())
     data[data.index(b"exact-block") + 3] ^= 0x01  # inside a header: its checksum fails
     archive.write_bytes(bytes(data))
-    with pytest.raises(VerificationFailed, match="user u: archive home.tar is damaged"):
+    with pytest.raises(VerificationFailed, match="user u: archive home.tar: a damaged header"):
         extract_and_verify(archive, entry, tmp_path / "out", "user u")
     assert not (tmp_path / "out").exists()
 
@@ -133,3 +133,13 @@ def test_members_cannot_leave_the_folder(tmp_path):
     with pytest.raises(tarball.ArchiveError, match="through a symlink"):
         tarball._contain("a/b/c", {"a/b"})
     tarball._contain("a/b/c", {"a/bc"})
+
+
+def test_verify_names_the_file_whose_bytes_changed(tmp_path):
+    """The one-pass check sees the archive's digest differ; the deeper pass names the file."""
+    archive, entry = archived(tmp_path)
+    data = bytearray(archive.read_bytes())
+    data[data.index(b"latin-1\n")] ^= 0x01
+    archive.write_bytes(bytes(data))
+    with pytest.raises(VerificationFailed, match=f"user u: {BAD_UTF8}: content differs from the manifest"):
+        verify_archive(archive, entry, "user u")
