@@ -255,6 +255,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.site = "local"
     handler = COMMANDS[args.command][0]
     try:
+        if args.command != "serve" and not os.environ.get("PREFECT_API_URL"):
+            from olab.serve import running_server
+
+            url = running_server()
+            if url:
+                # Runs land in `olab serve`'s UI, and no temporary server has to start.
+                from prefect.settings import PREFECT_API_URL, temporary_settings
+
+                _err(f"using the Prefect server of olab serve: {url.removesuffix('/api')}")
+                with temporary_settings({PREFECT_API_URL: url}):
+                    return handler(args)
         return handler(args)
     except ConfigError as exc:
         for line in exc.problems:

@@ -8,6 +8,7 @@ run any lifecycle flow of the site from the UI.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import time
@@ -18,8 +19,29 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from olab.config import ConfigError, Site, find_project
-from olab.runner import start_background, stop_process
+from olab.config import ConfigError, Site, find_project, olab_home
+from olab.files import write_json
+from olab.runner import pid_alive, start_background, stop_process
+
+
+def server_file() -> Path:
+    """Where `olab serve` says which Prefect server it runs, for the other commands."""
+    return olab_home() / "prefect-server.json"
+
+
+def running_server() -> str | None:
+    """The API URL of the Prefect server a live `olab serve` started, if it answers."""
+    try:
+        info = json.loads(server_file().read_text())
+        url, pid = info["url"], int(info["pid"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    if not pid_alive(pid):
+        return None
+    try:
+        return url if httpx.get(f"{url}/health", timeout=2).status_code == 200 else None
+    except httpx.HTTPError:
+        return None
 
 
 class ScheduleSpec(BaseModel):
@@ -126,6 +148,8 @@ def serve_site(site: Site, port: int = 4200) -> int:
     else:
         pid, url = start_prefect_server(site, port)
         print(f"Prefect UI: {url.removesuffix('/api')}  (server pid {pid}, log {site.paths.logs / 'prefect-server.log'})")
+        # Other olab commands on this machine run their flows on this server (and show in its UI).
+        write_json(server_file(), {"url": url, "pid": pid, "site": site.name})
     try:
         with temporary_settings({PREFECT_API_URL: url}):
             serve(*deployments)
@@ -133,5 +157,6 @@ def serve_site(site: Site, port: int = 4200) -> int:
         pass
     finally:
         if pid:
+            server_file().unlink(missing_ok=True)
             stop_process(pid)
     return 0

@@ -93,6 +93,17 @@ def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
         }
         assert crons == {"teardown": [("30 18 * * 5", "Europe/Paris")], "restore": [("15 6 * * 1", "Europe/Paris")]}
         assert found["deploy-hub"]["schedules"] == []
+        # Another olab command on this machine runs its flow on serve's server: no temporary
+        # server, and the run shows in serve's UI.
+        other = subprocess.run(
+            [sys.executable, "-m", "olab.cli", "provision", "--site", path],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert other.returncode == 0, other.stderr
+        assert f"using the Prefect server of olab serve: http://127.0.0.1:{port}" in other.stderr
+        assert "temporary server" not in other.stderr + other.stdout
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 20}, timeout=5).json()
+        assert any(r["parameters"].get("site") == path for r in runs), "the provision run is not on serve's server"
         log.seek(0)
         match = re.search(r"server pid (\d+)", log.read())
         assert match, "serve did not say which Prefect server it started"
@@ -107,6 +118,9 @@ def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
         if server_pid and pid_alive(server_pid):
             stop_process(server_pid)
     assert server_pid and not pid_alive(server_pid), "serve must stop the Prefect server it started"
+    from olab.serve import running_server, server_file
+
+    assert not server_file().exists() and running_server() is None
 
 
 def test_lock_regenerates_a_lock_that_build_image_accepts(make_site, tmp_path, capsys):
