@@ -26,6 +26,7 @@ import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import xxhash
@@ -214,6 +215,14 @@ class _Source:
             pass
 
 
+def _ns(seconds: bytes) -> int:
+    """A PAX time ("1700000000.25") in nanoseconds, exactly (a float would be off by ~100 ns)."""
+    try:
+        return int(Decimal(seconds.decode("ascii")).scaleb(9).to_integral_value())
+    except (ArithmeticError, UnicodeDecodeError, ValueError):
+        raise ArchiveError(f"a damaged PAX time {seconds[:40]!r}") from None
+
+
 def _parse(block: bytes) -> tarfile.TarInfo:
     try:
         return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
@@ -240,7 +249,7 @@ def members(source: _Source) -> Iterator[tuple[Member, int]]:
         name = pax["path"].decode("utf-8", "surrogateescape") if "path" in pax else info.name
         link = pax["linkpath"].decode("utf-8", "surrogateescape") if "linkpath" in pax else info.linkname
         size = int(pax["size"]) if "size" in pax else info.size
-        mtime_ns = round(float(pax["mtime"]) * 1e9) if "mtime" in pax else int(info.mtime) * 1_000_000_000
+        mtime_ns = _ns(pax["mtime"]) if "mtime" in pax else int(info.mtime) * 1_000_000_000
         uid = int(pax["uid"]) if "uid" in pax else info.uid
         gid = int(pax["gid"]) if "gid" in pax else info.gid
         pax = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import tarfile
 from pathlib import Path
 
@@ -90,3 +91,28 @@ def test_choosing_and_pruning_restore_points():
     pruned = {p.id for p in plan_prune(points, keep=2)}
     assert pruned == {"rp-1", "rp-2"}, "the newest incomplete one may be a teardown still running"
     assert "rp-4" not in {p.id for p in plan_prune(points, keep=0)}
+
+
+def test_a_schema_1_restore_point_still_restores(tmp_path):
+    """Before olab/tarball.py, archives were tarfile's PAX (float mtimes in PAX records) and
+    the manifest held "archive_sha256": such a point must still restore."""
+
+    def member(name: str, kind: bytes, mode: int, data: bytes | None = None, link: str = "") -> tuple:
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.mtime, info.linkname = kind, mode, 1_700_000_000.25, link
+        info.size = len(data) if data is not None else 0
+        return info, data
+
+    archive, entry = _crafted(tmp_path, [
+        member(".", tarfile.DIRTYPE, 0o755),
+        member("notes", tarfile.DIRTYPE, 0o700),
+        member("notes/ü ber.txt", tarfile.REGTYPE, 0o640, b"kept\n"),
+        member("latest", tarfile.SYMTYPE, 0o777, link="notes/ü ber.txt"),
+    ])
+    assert entry.archive_hash.startswith("sha256:")
+    out = tmp_path / "out"
+    extract_and_verify(archive, entry, out, "user old")
+    assert (out / "latest").read_bytes() == b"kept\n"
+    st = (out / "notes" / "ü ber.txt").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime == 1_700_000_000.25
+    assert stat.S_IMODE((out / "notes").stat().st_mode) == 0o700
