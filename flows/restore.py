@@ -20,14 +20,21 @@ from pydantic import BaseModel
 
 from flows._common import artifact_key, open_site
 from flows.deploy_hub import deploy_hub
-from flows.teardown import delete_runtime
+from flows.teardown import HUB_PATHS, delete_runtime
 from olab.state import mark_path, read_mark, write_mark
 from olab.config import Site
 from olab.faults import checkpoint
 from olab.guard import site_guard
 from olab.models import HubDeployment, ImageRef
 from olab.restore_points import choose_restore_point
-from tasks.backup import extract_and_verify, flush_filesystem, list_restore_points, parallel, read_manifest
+from tasks.backup import (
+    VerificationFailed,
+    extract_and_verify,
+    flush_filesystem,
+    list_restore_points,
+    parallel,
+    read_manifest,
+)
 
 
 class UserRestore(BaseModel):
@@ -59,13 +66,22 @@ def unpack_and_verify(site: Site, restore_point: str) -> list[UserRestore]:
     if staging.exists():
         shutil.rmtree(staging)
     (staging / "homes").mkdir(parents=True)
+    # The hub's state unpacks into a folder of its own: no member of it can reach a home
+    # (or a link in one); only the hub's own top-level names are then moved into place.
+    hub_folder = staging / ".hub-unpack"
     jobs = [
         (lambda u=u: extract_and_verify(point / "users" / u.archive, u, staging / "homes" / u.name, f"user {u.name}"))
         for u in manifest.users
     ]
-    jobs.append(lambda: extract_and_verify(point / manifest.hub.archive, manifest.hub, staging, "hub state"))
+    jobs.append(lambda: extract_and_verify(point / manifest.hub.archive, manifest.hub, hub_folder, "hub state"))
     try:
         parallel(jobs, os.cpu_count() or 2)
+        allowed = {p.split("/")[0] for p in HUB_PATHS}
+        for entry in sorted(hub_folder.iterdir()):
+            if entry.name not in allowed or entry.is_symlink():
+                raise VerificationFailed(f"hub state: {entry.name}: not part of the hub's state")
+            os.replace(entry, staging / entry.name)
+        hub_folder.rmdir()
     except Exception:
         shutil.rmtree(staging, ignore_errors=True)
         raise

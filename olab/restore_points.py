@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 # 2: archives digested with XXH3-128 ("archive_hash": "xxh3_128:<hex>") and mtimes kept
 #    to the nanosecond ("mtime_ns"). Schema 1 points ("archive_sha256") still restore.
@@ -52,6 +52,14 @@ class ArchiveEntry(BaseModel):
     archive: str
     files: list[FileEntry]
     archive_hash: str  # "algorithm:hex" over every byte of the archive
+
+    @field_validator("name", "archive")
+    @classmethod
+    def _one_component(cls, value: str) -> str:
+        # Restore joins these to folder names: a user, or an archive, is one path component.
+        if not value or "/" in value or "\0" in value or value in (".", ".."):
+            raise ValueError(f"{value!r} is not a single file name")
+        return value
 
     @model_validator(mode="before")
     @classmethod

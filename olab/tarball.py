@@ -90,8 +90,8 @@ def header(member: Member) -> bytes:
     kind = {"file": _FILE, "dir": _DIR, "symlink": _SYMLINK}[member.type]
     raw_name = os.fsencode(name)
     raw_link = os.fsencode(member.target or "")
-    mtime = max(0, member.mtime_ns // 1_000_000_000)
-    small = member.size < 8**11 and member.uid < 8**7 and member.gid < 8**7 and mtime < 8**11
+    mtime = member.mtime_ns // 1_000_000_000
+    small = member.size < 8**11 and member.uid < 8**7 and member.gid < 8**7 and 0 <= mtime < 8**11
     if small and raw_name.isascii() and raw_link.isascii() and len(raw_link) <= 100:
         if len(raw_name) <= 100:
             return _ustar(raw_name, kind, member.mode, member.uid, member.gid, member.size, mtime, raw_link)
@@ -109,15 +109,30 @@ def header(member: Member) -> bytes:
 def _pax_records(data: bytes) -> dict[str, bytes]:
     records: dict[str, bytes] = {}
     pos = 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        if length <= 0:
-            raise ArchiveError("a PAX header is damaged")
-        key, _, value = data[space + 1:pos + length - 1].partition(b"=")
-        records[key.decode("utf-8", "surrogateescape")] = value
-        pos += length
+    try:
+        while pos < len(data) and data[pos] != 0:
+            space = data.index(b" ", pos)
+            length = int(data[pos:space])
+            if length <= space - pos + 1 or pos + length > len(data) or data[pos + length - 1] != 0x0A:
+                raise ValueError
+            key, eq, value = data[space + 1:pos + length - 1].partition(b"=")
+            if not eq:
+                raise ValueError
+            records[key.decode("utf-8", "surrogateescape")] = value
+            pos += length
+    except ValueError:
+        raise ArchiveError("a damaged PAX header") from None
     return records
+
+
+def _pax_int(pax: dict[str, bytes], key: str, default: int) -> int:
+    if key not in pax:
+        return default
+    try:
+        value = int(pax[key])
+    except ValueError:
+        raise ArchiveError(f"a damaged PAX {key} record") from None
+    return value
 
 
 # ---------------------------------------------------------------- streams
@@ -241,21 +256,27 @@ def members(source: _Source) -> Iterator[tuple[Member, int]]:
             return
         info = _parse(block)
         if info.type == tarfile.XHDTYPE:
-            pax = _pax_records(source.read(info.size + (-info.size % BLOCK)))
+            if not 0 <= info.size <= CHUNK:
+                raise ArchiveError(f"a damaged PAX header (size {info.size})")
+            pax = _pax_records(source.read(info.size + (-info.size % BLOCK))[: info.size])
             continue
         if info.type == tarfile.XGLTYPE:
+            if info.size < 0:
+                raise ArchiveError("a damaged PAX global header")
             source.skip(info.size + (-info.size % BLOCK))
             continue
         name = pax["path"].decode("utf-8", "surrogateescape") if "path" in pax else info.name
         link = pax["linkpath"].decode("utf-8", "surrogateescape") if "linkpath" in pax else info.linkname
-        size = int(pax["size"]) if "size" in pax else info.size
+        size = _pax_int(pax, "size", info.size)
         mtime_ns = _ns(pax["mtime"]) if "mtime" in pax else int(info.mtime) * 1_000_000_000
-        uid = int(pax["uid"]) if "uid" in pax else info.uid
-        gid = int(pax["gid"]) if "gid" in pax else info.gid
+        uid, gid = _pax_int(pax, "uid", info.uid), _pax_int(pax, "gid", info.gid)
         pax = {}
         kind = _KIND.get(info.type)
         if kind is None:
             raise ArchiveError(f"{name}: an entry of a kind olab never writes")
+        if size < 0 or uid < 0 or gid < 0 or (kind != "file" and size != 0):
+            # tar readers differ on the data of a folder or a link: olab never writes any.
+            raise ArchiveError(f"{name}: a damaged header (size {size}, uid {uid}, gid {gid})")
         name = name.rstrip("/") or "."
         if name.startswith("./"):
             name = name[2:] or "."
@@ -347,13 +368,15 @@ def write(root: Path, archive: Path, include: list[str] | None = None) -> tuple[
 
 def _archive_file(sink: _Sink, path: Path, member: Member) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        # O_NONBLOCK: a file swapped for a fifo since the walk must not hang the teardown.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
     except OSError as exc:
         raise ArchiveError(f"{member.path}: cannot be read: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ArchiveError(f"{member.path}: changed while being archived")
+        member.mode, member.uid, member.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
         member.size, member.mtime_ns = st.st_size, st.st_mtime_ns
         sha = hashlib.sha256()
         sink.put(header(member))

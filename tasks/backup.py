@@ -8,6 +8,7 @@ checked against the manifest before the staging folder may replace anything.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -173,7 +174,9 @@ def _check_tree(dest: Path, entry: ArchiveEntry, who: str) -> None:
 
 
 def read_manifest(point: Path) -> Manifest:
-    return Manifest.model_validate_json((point / MANIFEST).read_text())
+    # Through json, not model_validate_json: a file name that is not valid UTF-8 is kept
+    # (as os.fsdecode gives it) as a lone surrogate escape, which only json.loads reads back.
+    return Manifest.model_validate(json.loads((point / MANIFEST).read_text()))
 
 
 def write_manifest(point: Path, manifest: Manifest) -> None:

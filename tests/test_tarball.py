@@ -143,3 +143,78 @@ def test_verify_names_the_file_whose_bytes_changed(tmp_path):
     archive.write_bytes(bytes(data))
     with pytest.raises(VerificationFailed, match=f"user u: {BAD_UTF8}: content differs from the manifest"):
         verify_archive(archive, entry, "user u")
+
+
+def test_a_manifest_with_a_non_utf8_name_reads_back(tmp_path):
+    """json.dumps escapes the name's surrogate; only json.loads (not pydantic's JSON parser) reads it."""
+    from datetime import UTC, datetime
+
+    from olab.restore_points import Manifest
+    from tasks.backup import read_manifest, write_manifest
+
+    archive, entry = archived(tmp_path)
+    hub = write_archive(tmp_path / "home", tmp_path / "hub.tar", "hub", include=["empty"])
+    write_manifest(tmp_path, Manifest(id="rp-1", site="s", created=datetime.now(UTC), image=None,
+                                      hub_config_hash=None, users=[entry], hub=hub))
+    again = read_manifest(tmp_path).users[0]
+    assert BAD_UTF8 in {f.path for f in again.files}
+    extract_and_verify(archive, again, tmp_path / "out", "user u")
+    assert (tmp_path / "out" / BAD_UTF8).read_bytes() == b"latin-1\n"
+
+
+def test_manifest_names_are_single_file_names():
+    from pydantic import ValidationError
+
+    from olab.restore_points import ArchiveEntry
+
+    for bad in ("../../x", "a/b", "..", ""):
+        with pytest.raises(ValidationError, match="not a single file name"):
+            ArchiveEntry(name=bad, archive="u.tar", files=[], archive_hash="xxh3_128:00")
+
+
+def _raw_archive(path: Path, *blocks: bytes) -> Path:
+    data = b"".join(b + bytes(-len(b) % tarball.BLOCK) for b in blocks) + bytes(2 * tarball.BLOCK)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.timeout(30)
+def test_crafted_headers_are_refused_not_misread(tmp_path):
+    # A link with data: tar readers disagree on whether to skip it, so olab refuses it.
+    link = tarball._ustar(b"link", b"2", 0o777, 0, 0, 1024, 0, b"target")
+    with pytest.raises(tarball.ArchiveError, match="link: a damaged header"):
+        tarball.scan(_raw_archive(tmp_path / "a.tar", link, bytes(1024)), "xxh3_128")
+    # A negative PAX size would move the reader backwards, forever.
+    record = b"14 size=-1536\n"
+    pax = tarball._ustar(b"././@PaxHeader", b"x", 0o644, 0, 0, len(record), 0, b"")
+    file = tarball._ustar(b"f", b"0", 0o644, 0, 0, 0, 0, b"")
+    with pytest.raises(tarball.ArchiveError, match="f: a damaged header"):
+        tarball.scan(_raw_archive(tmp_path / "b.tar", pax, record, file), "xxh3_128")
+    # A PAX record that does not parse.
+    record = b"zz size=1\n"
+    pax = tarball._ustar(b"././@PaxHeader", b"x", 0o644, 0, 0, len(record), 0, b"")
+    with pytest.raises(tarball.ArchiveError, match="a damaged PAX header"):
+        tarball.scan(_raw_archive(tmp_path / "c.tar", pax, record, file), "xxh3_128")
+
+
+@pytest.mark.timeout(30)
+def test_a_file_swapped_for_a_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    member = tarball.Member(path="pipe", type="file", mode=0o644, mtime_ns=0)
+    fd = os.open(tmp_path / "out.tar", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(tarball.ArchiveError, match="pipe: changed while being archived"):
+            tarball._archive_file(tarball._Sink(fd), fifo, member)
+    finally:
+        os.close(fd)
+
+
+def test_a_time_before_1970_is_kept_for_other_tar_readers_too(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "old").write_bytes(b"punched card\n")
+    os.utime(home / "old", (-86400 * 365, -86400 * 365))
+    write_archive(home, tmp_path / "home.tar", "u")
+    with tarfile.open(tmp_path / "home.tar") as tar:
+        assert tar.getmember("old").mtime == -86400 * 365
