@@ -25,6 +25,7 @@ from olab.state import mark_path, read_mark, write_mark
 from olab.config import Site
 from olab.faults import checkpoint
 from olab.guard import site_guard
+from olab.logs import progress, task_logger
 from olab.models import HubDeployment, ImageRef
 from olab.restore_points import choose_restore_point
 from tasks.backup import (
@@ -75,7 +76,7 @@ def unpack_and_verify(site: Site, restore_point: str) -> list[UserRestore]:
     ]
     jobs.append(lambda: extract_and_verify(point / manifest.hub.archive, manifest.hub, hub_folder, "hub state"))
     try:
-        parallel(jobs, os.cpu_count() or 2)
+        parallel(jobs, os.cpu_count() or 2, progress(task_logger(), "unpacked and verified (homes + hub state)"))
         allowed = {p.split("/")[0] for p in HUB_PATHS}
         for entry in sorted(hub_folder.iterdir()):
             if entry.name not in allowed or entry.is_symlink():

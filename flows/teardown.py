@@ -25,6 +25,7 @@ from flows._common import artifact_key, open_site
 from olab.config import Site
 from olab.faults import checkpoint
 from olab.guard import site_guard
+from olab.logs import progress, task_logger
 from olab.restore_points import HUB_ARCHIVE, ArchiveEntry, Manifest, plan_prune, restore_point_id
 from olab.secrets import SecretStore
 from olab.state import load_state, read_mark, write_mark
@@ -86,7 +87,7 @@ def write_restore_point(site: Site, point_id: str, users: list[str]) -> Manifest
         for name in users
     ]
     jobs.append(lambda: write_archive(paths.runtime, point / f"{HUB_ARCHIVE}.tar", HUB_ARCHIVE, include=HUB_PATHS))
-    archives: list[ArchiveEntry] = parallel(jobs, os.cpu_count() or 2)
+    archives: list[ArchiveEntry] = parallel(jobs, os.cpu_count() or 2, progress(task_logger(), "archived (homes + hub state)"))
     state = load_state(site)
     # The image the hub last ran; else the last one built.
     image = state.hub.image if state.hub else state.image
@@ -113,7 +114,7 @@ def verify_restore_point(site: Site, manifest: Manifest) -> None:
         for u in manifest.users
     ]
     jobs.append(lambda: verify_archive(point / manifest.hub.archive, manifest.hub, "hub state", durable=True))
-    parallel(jobs, os.cpu_count() or 2)
+    parallel(jobs, os.cpu_count() or 2, progress(task_logger(), "verified archives"))
     # The archives are on disk (fsynced as they checked out); now their names.
     sync_folder(point / "users")
     mark_complete(point)

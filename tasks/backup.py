@@ -13,7 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from olab import tarball
@@ -248,7 +248,12 @@ def remove_tree(root: Path) -> None:
     shutil.rmtree(root)
 
 
-def parallel(jobs, workers: int):
-    """Run callables on a thread pool (hashing and file I/O release the GIL)."""
+def parallel(jobs, workers: int, progress=None):
+    """Run callables on a thread pool (hashing and file I/O release the GIL);
+    progress(done, total) is called as each one finishes."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(lambda job: job(), jobs))
+        futures = [pool.submit(job) for job in jobs]
+        if progress is not None:
+            for done, _ in enumerate(as_completed(futures), 1):
+                progress(done, len(futures))
+        return [future.result() for future in futures]

@@ -97,7 +97,7 @@ def live_site(make_site, stop_hubs):
     return path, site
 
 
-def test_round_trip_keeps_every_file_the_database_and_the_secrets(live_site):
+def test_round_trip_keeps_every_file_the_database_and_the_secrets(live_site, caplog):
     path, site = live_site
     before = snapshot(site.paths.homes)
     assert len(before) > 20 * 10
@@ -109,6 +109,8 @@ def test_round_trip_keeps_every_file_the_database_and_the_secrets(live_site):
     hub_pid = load_state(site).hub.pid
 
     report = teardown(site=str(path))
+    archives = len(USERS) + 1  # every home and the hub's state
+    assert f"archived (homes + hub state): {archives} of {archives}" in caplog.text, "teardown shows its progress"
     assert not pid_alive(hub_pid)
     assert not site.paths.runtime.exists()
     assert report.restore_point and len(report.users) == len(USERS)
@@ -124,6 +126,7 @@ def test_round_trip_keeps_every_file_the_database_and_the_secrets(live_site):
     assert again.already_torn_down
 
     restored = restore(site=str(path))
+    assert f"unpacked and verified (homes + hub state): {archives} of {archives}" in caplog.text
     assert restored.restore_point == report.restore_point
     assert sorted(u.user for u in restored.users) == sorted(USERS)
     assert all(u.verified for u in restored.users)
