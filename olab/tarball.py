@@ -290,28 +290,55 @@ def members(source: _Source) -> Iterator[tuple[Member, int]]:
 def walk(root: Path, include: list[str] | None = None) -> Iterator[tuple[str, os.stat_result]]:
     """(relative path, lstat) of everything below root, parents before children.
     With include, only those paths below root (and what is below them)."""
-    starts = include if include is not None else ["."]
-    for start in starts:
-        top = root / start if start != "." else root
+    for rel, st, _dir_fd, _name in _walk(root, include):
+        yield rel, st
+
+
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | _O_NOFOLLOW | _O_CLOEXEC
+
+
+def _walk(root: Path, include: list[str] | None) -> Iterator[tuple[str, os.stat_result, int, str]]:
+    """walk, with each entry's folder as an open descriptor and its name in it.
+
+    Every folder is opened relative to its parent's descriptor with O_NOFOLLOW,
+    so a folder swapped for a symlink while the walk runs (by a process racing
+    the teardown) stops it instead of leading it outside root."""
+    for start in include if include is not None else ["."]:
+        parent, _, name = (root / start if start != "." else root).as_posix().rpartition("/")
         try:
-            st = top.lstat()
+            top_fd = os.open(parent or "/", _DIR_FLAGS & ~_O_NOFOLLOW)  # root's own path is trusted
         except FileNotFoundError:
             continue
-        yield start, st
-        if not stat.S_ISDIR(st.st_mode):
-            continue
-        stack = [(top, "" if start == "." else start + "/")]
-        while stack:
-            folder, rel = stack.pop()
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-            subdirs = []
-            for entry in entries:
-                est = entry.stat(follow_symlinks=False)
-                yield rel + entry.name, est
-                if stat.S_ISDIR(est.st_mode):
-                    subdirs.append((Path(entry.path), rel + entry.name + "/"))
-            stack.extend(reversed(subdirs))
+        try:
+            try:
+                st = os.stat(name, dir_fd=top_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield start, st, top_fd, name
+            if stat.S_ISDIR(st.st_mode):
+                yield from _walk_folder(top_fd, name, "" if start == "." else start + "/")
+        finally:
+            os.close(top_fd)
+
+
+def _walk_folder(parent_fd: int, name: str, rel: str) -> Iterator[tuple[str, os.stat_result, int, str]]:
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError:
+        raise ArchiveError(f"{rel.rstrip('/') or '.'}: changed while being archived") from None
+    try:
+        with os.scandir(fd) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        folders = []
+        for entry in entries:
+            st = entry.stat(follow_symlinks=False)
+            yield rel + entry.name, st, fd, entry.name
+            if stat.S_ISDIR(st.st_mode):
+                folders.append(entry.name)
+        for sub in folders:
+            yield from _walk_folder(fd, sub, rel + sub + "/")
+    finally:
+        os.close(fd)
 
 
 def _sync_file_range():
@@ -341,18 +368,21 @@ def write(root: Path, archive: Path, include: list[str] | None = None) -> tuple[
     fd = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC, 0o600)
     try:
         sink = _Sink(fd)
-        for rel, st in walk(root, include):
+        for rel, st, dir_fd, name in _walk(root, include):
             mode = st.st_mode
             member = Member(path=rel, type="dir", mode=stat.S_IMODE(mode), mtime_ns=st.st_mtime_ns,
                             uid=st.st_uid, gid=st.st_gid)
             if stat.S_ISDIR(mode):
                 sink.put(header(member))
             elif stat.S_ISLNK(mode):
-                member.type, member.target = "symlink", os.readlink(root / rel)
+                try:
+                    member.type, member.target = "symlink", os.readlink(name, dir_fd=dir_fd)
+                except OSError:
+                    raise ArchiveError(f"{rel}: changed while being archived") from None
                 sink.put(header(member))
             elif stat.S_ISREG(mode):
                 member.type = "file"
-                _archive_file(sink, root / rel, member)
+                _archive_file(sink, dir_fd, name, member)
             else:
                 continue
             found.append(member)
@@ -366,10 +396,11 @@ def write(root: Path, archive: Path, include: list[str] | None = None) -> tuple[
     return found, f"{ARCHIVE_HASH}:{sink.digest.hexdigest()}", sink.written
 
 
-def _archive_file(sink: _Sink, path: Path, member: Member) -> None:
+def _archive_file(sink: _Sink, dir_fd: int, name: str, member: Member) -> None:
     try:
-        # O_NONBLOCK: a file swapped for a fifo since the walk must not hang the teardown.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
+        # O_NONBLOCK: a file swapped for a fifo since the walk must not hang the teardown;
+        # O_NOFOLLOW: nor one swapped for a symlink lead it elsewhere.
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
     except OSError as exc:
         raise ArchiveError(f"{member.path}: cannot be read: {exc.strerror}") from None
     try:

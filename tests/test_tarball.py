@@ -203,11 +203,31 @@ def test_a_file_swapped_for_a_fifo_is_refused_without_blocking(tmp_path):
     os.mkfifo(fifo)
     member = tarball.Member(path="pipe", type="file", mode=0o644, mtime_ns=0)
     fd = os.open(tmp_path / "out.tar", os.O_WRONLY | os.O_CREAT, 0o600)
+    folder = os.open(tmp_path, os.O_RDONLY)
     try:
         with pytest.raises(tarball.ArchiveError, match="pipe: changed while being archived"):
-            tarball._archive_file(tarball._Sink(fd), fifo, member)
+            tarball._archive_file(tarball._Sink(fd), folder, "pipe", member)
     finally:
         os.close(fd)
+        os.close(folder)
+
+
+def test_a_folder_swapped_for_a_symlink_during_the_walk_stops_it(tmp_path):
+    """A process racing the teardown must not get files from outside the home archived."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shadow").write_text("not the student's\n")
+    home = tmp_path / "home"
+    (home / "sub").mkdir(parents=True)
+    (home / "sub" / "mine.txt").write_text("mine\n")
+    seen = []
+    with pytest.raises(tarball.ArchiveError, match="sub: changed while being archived"):
+        for rel, _st in tarball.walk(home):
+            seen.append(rel)
+            if rel == "sub":  # listed as a folder; swapped before the walk goes in
+                os.rename(home / "sub", home / "sub-real")
+                os.symlink(outside, home / "sub")
+    assert "sub/shadow" not in seen
 
 
 def test_a_time_before_1970_is_kept_for_other_tar_readers_too(tmp_path):
