@@ -96,11 +96,7 @@ def stalled(per_lab: dict[str, float], cell_timeout: int) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3, help="measured runs of each (median reported)")
-    parser.add_argument(
-        "--no-flow-heartbeat",
-        action="store_true",
-        help="diagnostic: run the flows with Prefect's flow-run heartbeat off (results in bench/results/notebooks-no-heartbeat.json)",
-    )
+    benchlib.add_heartbeat_option(parser, "notebooks")
     args = parser.parse_args()
     heartbeats = not args.no_flow_heartbeat
     logging.getLogger("olab").setLevel(logging.INFO)
@@ -220,7 +216,7 @@ def main() -> int:
             },
             "olab_parallelism": site.config.labs.parallelism or os.cpu_count(),
             "prefect_server": "prefect.testing.utilities.prefect_test_harness, started before timing",
-            "flow_run_heartbeat": "on (Prefect default)" if heartbeats else "off (diagnostic)",
+            "flow_run_heartbeat": benchlib.heartbeat_note(heartbeats),
             "setup_seconds": {"build_image": round(build_seconds, 2), "baseline_venv": round(venv_seconds, 2)},
             "warmup_seconds": {k: round(v, 2) for k, v in warm.items()},
             "seconds": {

@@ -181,11 +181,7 @@ def measure(kind: str, n: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="measured runs of each (median reported)")
-    parser.add_argument(
-        "--no-flow-heartbeat",
-        action="store_true",
-        help="diagnostic: run the flows with Prefect's flow-run heartbeat off (results in bench/results/release-no-heartbeat.json)",
-    )
+    benchlib.add_heartbeat_option(parser, "release")
     args = parser.parse_args()
     heartbeats = not args.no_flow_heartbeat
     # Task logs outside a flow run go to the stdlib "olab" logger: show them, as Prefect shows its own.
@@ -264,7 +260,7 @@ def main() -> int:
             "conditions": "environment built before both; lab result cache cleared, fresh site runtime and ports, "
             "no hub running before each run; hub stopped after each run (included in the time)",
             "prefect_server": "prefect.testing.utilities.prefect_test_harness, started before timing",
-            "flow_run_heartbeat": "on (Prefect default)" if heartbeats else "off (diagnostic)",
+            "flow_run_heartbeat": benchlib.heartbeat_note(heartbeats),
             "warmup_seconds": {k: round(v["seconds"], 2) for k, v in warm.items()},
             "warmup_errors": {k: v["error"] for k, v in warm.items() if v["error"]} or None,
             "seconds": {k: [round(r["seconds"], 3) for r in v] for k, v in runs.items()},

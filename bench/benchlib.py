@@ -131,6 +131,20 @@ def results_name(base: str, heartbeats: bool) -> str:
     return f"{base}.json" if heartbeats else f"{base}-no-heartbeat.json"
 
 
+def add_heartbeat_option(parser, base: str) -> None:
+    """--no-flow-heartbeat, shared by the flow benchmarks (see flow_heartbeats)."""
+    parser.add_argument(
+        "--no-flow-heartbeat",
+        action="store_true",
+        help="diagnostic: run the flows with Prefect's flow-run heartbeat off "
+        f"(results in bench/results/{results_name(base, False)})",
+    )
+
+
+def heartbeat_note(heartbeats: bool) -> str:
+    return "on (Prefect default)" if heartbeats else "off (diagnostic)"
+
+
 def clear_lab_cache() -> None:
     """Forget every lab result olab has stored (SitePaths.lab_cache: OLAB_HOME/lab-results)."""
     from olab.config import olab_home

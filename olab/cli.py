@@ -6,6 +6,7 @@ Exit codes: 0 done, 1 the flow failed, 2 bad input (site file, arguments).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -249,24 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _serve_server(command: str):
+    """Settings that run the command's flow on a running `olab serve`'s Prefect server:
+    its runs land in that UI, and no temporary server has to start."""
+    if command != "serve" and not os.environ.get("PREFECT_API_URL"):
+        from olab.serve import running_server
+
+        url = running_server()
+        if url:
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            _err(f"using the Prefect server of olab serve: {url.removesuffix('/api')}")
+            return temporary_settings({PREFECT_API_URL: url})
+    return contextlib.nullcontext()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not hasattr(args, "site"):
         args.site = "local"
     handler = COMMANDS[args.command][0]
     try:
-        if args.command != "serve" and not os.environ.get("PREFECT_API_URL"):
-            from olab.serve import running_server
-
-            url = running_server()
-            if url:
-                # Runs land in `olab serve`'s UI, and no temporary server has to start.
-                from prefect.settings import PREFECT_API_URL, temporary_settings
-
-                _err(f"using the Prefect server of olab serve: {url.removesuffix('/api')}")
-                with temporary_settings({PREFECT_API_URL: url}):
-                    return handler(args)
-        return handler(args)
+        with _serve_server(args.command):
+            return handler(args)
     except ConfigError as exc:
         for line in exc.problems:
             _err(line)

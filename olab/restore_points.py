@@ -73,6 +73,10 @@ class ArchiveEntry(BaseModel):
     def bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    @property
+    def hash_algorithm(self) -> str:
+        return self.archive_hash.partition(":")[0]
+
 
 class Manifest(BaseModel):
     model_config = ConfigDict(frozen=True)

@@ -341,26 +341,26 @@ def _walk_folder(parent_fd: int, name: str, rel: str) -> Iterator[tuple[str, os.
         os.close(fd)
 
 
-def _sync_file_range():
-    """Linux's sync_file_range: start writing a file back without waiting for it."""
+def _libc(name: str, *argtypes):
+    """A libc function through ctypes (errno kept), or None where libc lacks it."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.sync_file_range
+        call = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    call.argtypes = list(argtypes)
     call.restype = ctypes.c_int
     return call
 
 
-_START_WRITEBACK = _sync_file_range()
+# Linux's sync_file_range: start writing a file back without waiting for it.
+_START_WRITEBACK = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
-def write(root: Path, archive: Path, include: list[str] | None = None) -> tuple[list[Member], str, int]:
+def write(root: Path, archive: Path, include: list[str] | None = None) -> tuple[list[Member], str]:
     """Archive root (or the listed paths below it) into archive, private (0600).
 
-    Returns the members (every regular file with its SHA-256), the archive's
-    "xxh3_128:<hex>" digest and its size. The archive's writeback to disk is
+    Returns the members (every regular file with its SHA-256) and the archive's
+    "xxh3_128:<hex>" digest. The archive's writeback to disk is
     started, not waited for: call ``durable`` before relying on it.
     Sockets, fifos and devices are skipped: they are not a student's work.
     """
@@ -393,7 +393,7 @@ def write(root: Path, archive: Path, include: list[str] | None = None) -> tuple[
             _START_WRITEBACK(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
     finally:
         os.close(fd)
-    return found, f"{ARCHIVE_HASH}:{sink.digest.hexdigest()}", sink.written
+    return found, f"{ARCHIVE_HASH}:{sink.digest.hexdigest()}"
 
 
 def _archive_file(sink: _Sink, dir_fd: int, name: str, member: Member) -> None:
@@ -429,17 +429,7 @@ def durable(path: Path) -> None:
         os.close(fd)
 
 
-def _syncfs():
-    try:
-        call = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    call.argtypes = [ctypes.c_int]
-    call.restype = ctypes.c_int
-    return call
-
-
-_SYNCFS = _syncfs()
+_SYNCFS = _libc("syncfs", ctypes.c_int)
 
 
 def sync_filesystem(path: Path) -> None:

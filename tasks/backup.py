@@ -58,7 +58,7 @@ def write_archive(root: Path, archive: Path, name: str, include: list[str] | Non
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".partial")
     try:
-        members, digest, _size = tarball.write(root, tmp, include)
+        members, digest = tarball.write(root, tmp, include)
     except (tarball.ArchiveError, OSError) as exc:
         tmp.unlink(missing_ok=True)
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -78,6 +78,15 @@ def _check_listing(member: Member, want: FileEntry | None, who: str, *, content:
         raise VerificationFailed(f"{who}: {member.path}: content differs from the manifest (sha256 mismatch)")
 
 
+def _check_members(found: list[Member], expected: dict[str, FileEntry], who: str, *, content: bool) -> None:
+    """Every member as the manifest lists it, and every listed path in the archive."""
+    for member in found:
+        _check_listing(member, expected.get(member.path), who, content=content)
+    missing = sorted(set(expected) - {m.path for m in found})
+    if missing:
+        raise VerificationFailed(f"{who}: {missing[0]}: in the manifest but not in the archive")
+
+
 def verify_archive(archive: Path, entry: ArchiveEntry, who: str, *, deep: bool = False, durable: bool = False) -> None:
     """Read an archive back and check it against its manifest entry.
 
@@ -88,21 +97,13 @@ def verify_archive(archive: Path, entry: ArchiveEntry, who: str, *, deep: bool =
     """
     if not archive.is_file():
         raise VerificationFailed(f"{who}: archive {archive.name} is missing")
-    expected = {f.path: f for f in entry.files}
-    algorithm = entry.archive_hash.partition(":")[0]
     try:
-        found, digest = tarball.scan(archive, algorithm, hash_files=deep)
+        found, digest = tarball.scan(archive, entry.hash_algorithm, hash_files=deep)
     except tarball.ArchiveError as exc:
         if not deep:
             verify_archive(archive, entry, who, deep=True)
         raise VerificationFailed(f"{who}: archive {archive.name} is damaged: {exc}") from None
-    seen = set()
-    for member in found:
-        _check_listing(member, expected.get(member.path), who, content=deep)
-        seen.add(member.path)
-    missing = sorted(set(expected) - seen)
-    if missing:
-        raise VerificationFailed(f"{who}: {missing[0]}: in the manifest but not in the archive")
+    _check_members(found, {f.path: f for f in entry.files}, who, content=deep)
     if digest != entry.archive_hash:
         if not deep:
             verify_archive(archive, entry, who, deep=True)
@@ -135,16 +136,12 @@ def extract_and_verify(archive: Path, entry: ArchiveEntry, dest: Path, who: str)
 
     try:
         try:
-            found, digest = tarball.unpack(archive, dest, entry.archive_hash.partition(":")[0], expect)
+            found, digest = tarball.unpack(archive, dest, entry.hash_algorithm, expect)
         except tarball.ArchiveError as exc:
             raise VerificationFailed(f"{who}: archive {archive.name}: {exc}") from None
         except OSError as exc:
             raise VerificationFailed(f"{who}: archive {archive.name} could not be unpacked: {exc}") from None
-        for member in found:
-            _check_listing(member, expected[member.path], who, content=True)
-        missing = sorted(set(expected) - {m.path for m in found})
-        if missing:
-            raise VerificationFailed(f"{who}: {missing[0]}: in the manifest but not in the archive")
+        _check_members(found, expected, who, content=True)
         if digest != entry.archive_hash:
             raise VerificationFailed(f"{who}: archive {archive.name} differs from the one written")
         _check_tree(dest, entry, who)
