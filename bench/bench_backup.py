@@ -159,7 +159,7 @@ def tar_extract(archive: Path, dest: Path, trash: Path) -> float:
 def olab_data_teardown(site) -> tuple[float, float, str]:
     """write_restore_point + verify_restore_point (the hub is stopped): (write s, verify s, point id)."""
     from flows.teardown import user_homes, verify_restore_point, write_restore_point
-    from olab.restore_points import restore_point_id
+    from core.restore_points import restore_point_id
 
     users = user_homes(site)
     point_id = restore_point_id(datetime.now(UTC), secrets.token_hex(3))
@@ -193,7 +193,7 @@ def drop_restore_points(site) -> None:
 
 
 def stop_site(site) -> None:
-    from olab.state import load_state
+    from core.state import load_state
     from tasks.jupyterhub import stop_hub
 
     try:
@@ -210,8 +210,8 @@ def main() -> int:
     args = parser.parse_args()
     logging.getLogger("prefect").setLevel(logging.WARNING)
 
-    from olab.config import load_site
-    from olab.state import load_state
+    from core.config import load_site
+    from core.state import load_state
 
     site_path = write_site("bk", backups={"keep": 10})
     site = load_site(str(site_path))

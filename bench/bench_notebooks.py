@@ -103,7 +103,7 @@ def main() -> int:
 
     from flows.build_image import build_image
     from flows.test_notebooks import test_notebooks
-    from olab.config import load_site
+    from core.config import load_site
     from tasks.notebooks import discover_labs, stage_lab
 
     with benchlib.prefect_server(), benchlib.flow_heartbeats(heartbeats):

@@ -45,11 +45,11 @@ EXTRA_PACKAGES = ["nbmake", "pytest-xdist"]
 
 def build_breakdown(site_path: Path) -> dict[str, float]:
     """The steps of an unchanged OCI build, each timed on its own (outside any flow)."""
-    from olab.config import load_site
-    from olab.planning import image_tag
+    from core.config import load_site
+    from core.planning import image_tag
     from tasks.oci import engine_for, ensure_debootstrap_base, insecure_registries, resolve_builder
     from tasks.python_env import read_context
-    from tasks.registry import ensure_local_registry
+    from tasks.local_registry import ensure_local_registry
 
     out: dict[str, float] = {}
     t, site = timed(lambda: load_site(str(site_path)))
@@ -127,10 +127,10 @@ def main() -> int:
         return 0
     logging.getLogger("prefect").setLevel(logging.WARNING)
 
-    from olab.config import load_site, olab_home
+    from core.config import load_site, olab_home
     from tasks.notebooks import discover_labs, stage_lab
     from tasks.oci import engine_for, stop_api_socket
-    from tasks.registry import stop_local_registry
+    from tasks.local_registry import stop_local_registry
 
     registry = f"127.0.0.1:{free_port()}"
     site_path = write_site("oci", image={"builder": "buildah", "base_image": "debootstrap:bookworm", "registry": registry})

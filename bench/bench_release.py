@@ -43,11 +43,11 @@ STALL_FRACTION = 0.8
 
 def plain_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[str, float]) -> int:
     """The release steps without Prefect flows; returns the hub's pid (the caller stops it)."""
-    from olab.config import load_site
-    from olab.files import content_hash
-    from olab.planning import hub_config_hash, hub_settings, hub_template, lab_cache_key, plan_hub, plan_labs
-    from olab.secrets import SecretStore
-    from olab.state import load_state, update_state
+    from core.config import load_site
+    from core.files import content_hash
+    from core.planning import hub_config_hash, hub_settings, hub_template, lab_cache_key, plan_hub, plan_labs
+    from core.secrets import SecretStore
+    from core.state import load_state, update_state
     from tasks.jupyterhub import apply_hub, health_check, is_running, proxy_command
     from tasks.notebooks import cached_result, discover_labs, run_lab, stage_lab, store_result
     from tasks.python_env import find_environment, venv_tag
@@ -132,8 +132,8 @@ def flow_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[s
 def measure(kind: str, n: int) -> dict:
     """One run from equal conditions; the hub is stopped in every case, by pid."""
     from tasks.jupyterhub import stop_hub as stop_hub_process
-    from olab.config import load_site
-    from olab.state import load_state
+    from core.config import load_site
+    from core.state import load_state
 
     site_path = benchlib.write_site(f"bench-rel-{kind}-{n}")
     clear_lab_cache()

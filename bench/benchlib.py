@@ -147,7 +147,7 @@ def heartbeat_note(heartbeats: bool) -> str:
 
 def clear_lab_cache() -> None:
     """Forget every lab result olab has stored (SitePaths.lab_cache: OLAB_HOME/lab-results)."""
-    from olab.config import olab_home
+    from core.config import olab_home
 
     shutil.rmtree(olab_home() / "lab-results", ignore_errors=True)
 
@@ -209,9 +209,9 @@ def stop_site_hub(site_path: Path, known_pid: int | None = None) -> list[int]:
     hub's and proxy's own pid files, and finally any process started from
     this site's runtime folder. Returns the pids that were stopped.
     """
-    from olab.config import load_site
-    from olab.runner import pid_alive, stop_process
-    from olab.state import load_state
+    from core.config import load_site
+    from core.runner import pid_alive, stop_process
+    from core.state import load_state
 
     site = load_site(str(site_path))
     candidates: list[int] = []

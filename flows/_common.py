@@ -1,29 +1,47 @@
-"""What every lifecycle flow does first: load its site, refuse what it cannot do."""
+"""What every lifecycle flow does first and last: open its site and platform, publish its result."""
 
 from __future__ import annotations
 
+from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
-from olab.config import ConfigError, Site, Target, load_site
+from core.config import Site, load_site
+from core.models import FlowPlan, HealthReport, PlannedStep
+from core.platform import Platform
+from targets import platform_for
 
 
-class UnsupportedTarget(RuntimeError):
-    pass
-
-
-def open_site(ref: str, *, supported: tuple[Target, ...] = (Target.local,)) -> Site:
-    try:
-        site = load_site(ref)
-    except ConfigError as exc:
-        raise ConfigError(exc.problems) from None
-    if site.config.target not in supported:
-        raise UnsupportedTarget(
-            f"site {site.name}: target {site.config.target.value} is not supported by this flow yet "
-            f"(supported: {', '.join(t.value for t in supported)})"
-        )
+def open_site(ref: str) -> tuple[Site, Platform]:
+    """The validated site and the platform of its target (which may refuse in one line)."""
+    site = load_site(ref)
+    platform = platform_for(site)
     get_run_logger().info("site %s (%s), from %s", site.name, site.config.target.value, site.source)
-    return site
+    return site, platform
 
 
 def artifact_key(site: Site, what: str) -> str:
     return f"{site.name}-{what}".lower()
+
+
+def publish(site: Site, flow: str, markdown: list[str], description: str) -> None:
+    create_markdown_artifact(key=artifact_key(site, flow), description=description, markdown="\n".join(markdown))
+
+
+def publish_plan(site: Site, flow: str, steps: list[PlannedStep]) -> FlowPlan:
+    """A dry run's result: logged, published as the flow's artifact, returned."""
+    plan = FlowPlan(flow=flow, site=site.name, steps=steps)
+    logger = get_run_logger()
+    for line in plan.lines():
+        logger.info("dry run: %s", line)
+    create_markdown_artifact(
+        key=artifact_key(site, flow), description=f"{flow} on {site.name}: dry run", markdown=plan.markdown()
+    )
+    return plan
+
+
+def health_markdown(report: HealthReport | None) -> list[str]:
+    if report is None:
+        return ["health check skipped"]
+    lines = ["| check | ok | seconds | detail |", "|---|---|---|---|"]
+    lines += [f"| {c.name} | {'yes' if c.ok else 'NO'} | {c.seconds:.1f} | {c.detail} |" for c in report.checks]
+    return lines

@@ -8,85 +8,146 @@ the fallback.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
-from flows._common import artifact_key, open_site
-from olab.config import Site
-from olab.guard import site_guard
-from olab.models import BuildResult, ImageRef
-from olab.planning import image_tag, plan_build
-from olab.state import update_state
-from tasks.oci import build_and_push, containerfile_base, engine_for, ensure_debootstrap_base, insecure_registries, resolve_builder
+from core.config import Site
+from core.guard import site_guard
+from core.models import BuildResult, FlowPlan, ImageRef, PlannedStep
+from core.planning import image_tag, plan_build
+from core.platform import Platform
+from core.state import update_state
+from flows._common import open_site, publish, publish_plan
+from tasks.oci import (
+    build_and_push,
+    containerfile_base,
+    debootstrap_ref,
+    engine_for,
+    ensure_debootstrap_base,
+    insecure_registries,
+    resolve_builder,
+)
 from tasks.python_env import build_environment, find_environment, read_context, venv_tag
-from tasks.registry import Registry, ensure_local_registry
+from tasks.registry import Registry
 
 
-def _build_venv(site: Site) -> BuildResult:
+@dataclass(frozen=True)
+class ImagePlan:
+    """The image a build would produce: ``existing`` when its inputs are unchanged."""
+
+    existing: ImageRef | None
+    steps: list[PlannedStep]
+
+
+def _plan_venv(site: Site) -> ImagePlan:
     settings = site.config.image
-    context = site.image_context
-    tag = venv_tag(context)
+    tag = venv_tag(site.image_context)
     existing = find_environment(site.paths.envs, settings.name, tag)
     plan = plan_build(tag, existing)
-    get_run_logger().info(plan.reason)
-    if plan.build:
-        return build_environment(settings.name, context, site.paths.envs, tag)
-    return BuildResult(image=existing, built=False, seconds=0.0)
+    verb = "build" if plan.build else "reuse"
+    return ImagePlan(existing if not plan.build else None, [PlannedStep(verb=verb, subject=f"venv {settings.name}:{tag[:16]}", detail=plan.reason)])
 
 
-def _build_oci(site: Site, builder: str) -> BuildResult:
-    logger = get_run_logger()
+def _oci_inputs(site: Site, builder: str, *, dry_run: bool):
+    """(engine, base, content tag (None while the base is missing), steps so far). Only a real run
+    makes a missing base image; a dry run says it would."""
     settings = site.config.image
     context = site.image_context
     engine = engine_for(builder, site.paths.containers, insecure_registries(site))
-    registry = (
-        ensure_local_registry(site.paths.containers, settings.registry)
-        if settings.local_registry
-        else Registry(settings.registry, insecure=False)
-    )
     files = read_context(context)
     base = settings.base_image or containerfile_base(context)
     if base is None:
         raise ValueError(f"{context / 'Containerfile'}: no ARG BASE_IMAGE default and no image.base_image in {site.source}")
+    steps: list[PlannedStep] = []
     if base.startswith("debootstrap:"):
-        base = ensure_debootstrap_base(engine, base.split(":", 1)[1], site.paths.containers)
+        suite = base.split(":", 1)[1]
+        if dry_run:
+            base = debootstrap_ref(suite)
+            if engine.image_id(base) is None:
+                steps.append(PlannedStep(verb="build", subject=f"base image {base}", detail="with debootstrap"))
+        else:
+            base = ensure_debootstrap_base(engine, suite, site.paths.containers)
     # The base's own content is an input: a new base under the same name is a new image.
-    base_id = engine.ensure_local(base)
-    tag = image_tag({**files, "\0base": f"{base}@{base_id}".encode()}, "any", "oci")
-    short = tag[:20]
-    repository = registry.repository(settings.name)
-    existing = registry.manifest_digest(settings.name, short)
+    base_id = engine.image_id(base) if dry_run else engine.ensure_local(base)
+    tag = image_tag({**files, "\0base": f"{base}@{base_id}".encode()}, "any", "oci")[:20] if base_id else None
+    return engine, base, tag, steps
+
+
+def _plan_oci(site: Site, builder: str) -> ImagePlan:
+    settings = site.config.image
+    _, base, tag, steps = _oci_inputs(site, builder, dry_run=True)
+    registry = Registry(settings.registry, insecure=settings.local_registry)
+    target = f"{registry.repository(settings.name)}:{tag or '<new content tag>'}"
+    existing = registry.manifest_digest(settings.name, tag) if tag and registry.answers() else None
     if existing:
-        logger.info("registry %s already has %s:%s; nothing to build", settings.registry, settings.name, short)
-        image = ImageRef(name=settings.name, tag=short, digest=existing, builder=builder, location=f"{repository}:{short}", repository=repository)
-        return BuildResult(image=image, built=False, seconds=0.0)
-    digest, seconds = build_and_push(engine, context, repository, short, base)
-    image = ImageRef(name=settings.name, tag=short, digest=digest, builder=builder, location=f"{repository}:{short}", repository=repository)
-    return BuildResult(image=image, built=True, seconds=seconds)
+        repository = registry.repository(settings.name)
+        image = ImageRef(name=settings.name, tag=tag, digest=existing, builder=builder, location=f"{repository}:{tag}", repository=repository)
+        return ImagePlan(image, [PlannedStep(verb="reuse", subject=image.pinned, detail=f"{settings.registry} already has it")])
+    if not registry.answers():
+        steps.append(PlannedStep(verb="start", subject=f"registry {settings.registry}", detail="it does not answer"))
+    steps.append(PlannedStep(verb="build", subject=target, detail=f"with {builder} on {base}, then push and pin by digest"))
+    return ImagePlan(None, steps)
+
+
+def plan_image(site: Site) -> ImagePlan:
+    """What build-image would do, changing nothing."""
+    builder = resolve_builder(site.config.image.builder)
+    return _plan_venv(site) if builder == "venv" else _plan_oci(site, builder)
+
+
+def _build_venv(site: Site) -> BuildResult:
+    plan = _plan_venv(site)
+    get_run_logger().info(plan.steps[0].detail)
+    if plan.existing is not None:
+        return BuildResult(image=plan.existing, built=False, seconds=0.0)
+    return build_environment(site.config.image.name, site.image_context, site.paths.envs, venv_tag(site.image_context))
+
+
+def _build_oci(site: Site, platform: Platform, builder: str) -> BuildResult:
+    logger = get_run_logger()
+    settings = site.config.image
+    platform.ensure_registry()
+    registry = Registry(settings.registry, insecure=settings.local_registry)
+    engine, base, tag, _ = _oci_inputs(site, builder, dry_run=False)
+    repository = registry.repository(settings.name)
+    existing = registry.manifest_digest(settings.name, tag)
+    if existing:
+        logger.info("registry %s already has %s:%s; nothing to build", settings.registry, settings.name, tag)
+        digest, built, seconds = existing, False, 0.0
+    else:
+        (digest, seconds), built = build_and_push(engine, site.image_context, repository, tag, base), True
+    image = ImageRef(name=settings.name, tag=tag, digest=digest, builder=builder, location=f"{repository}:{tag}", repository=repository)
+    return BuildResult(image=image, built=built, seconds=seconds)
 
 
 @flow(name="build-image")
-def build_image(site: str = "local") -> ImageRef:
-    """Build the site's user image from its lock file, keyed by content hash."""
-    the_site = open_site(site)
+def build_image(site: str = "local", dry_run: bool = False) -> ImageRef | FlowPlan:
+    """Build the site's user image from its lock file, keyed by content hash.
+
+    site: a site name in sites/ (or a site file's path).
+    dry_run: only say whether the image would be built or reused; change nothing.
+    """
+    the_site, platform = open_site(site)
     with site_guard(the_site):
+        if dry_run:
+            return publish_plan(the_site, "build-image", plan_image(the_site).steps)
         builder = resolve_builder(the_site.config.image.builder)
         get_run_logger().info("builder: %s", builder)
-        result = _build_venv(the_site) if builder == "venv" else _build_oci(the_site, builder)
+        result = _build_venv(the_site) if builder == "venv" else _build_oci(the_site, platform, builder)
         update_state(the_site, image=result.image)
-        create_markdown_artifact(
-            key=artifact_key(the_site, "build-image"),
-            description=f"build-image on {the_site.name}",
-            markdown="\n".join(
-                [
-                    f"# build-image: {the_site.name}",
-                    "",
-                    f"- image: `{result.image.pinned}`",
-                    f"- builder: {result.image.builder}, context `{the_site.image_context}`",
-                    f"- {'built' if result.built else 'unchanged, nothing built'} ({result.seconds:.1f}s)",
-                    f"- location: `{result.image.location}`",
-                ]
-            ),
+        publish(
+            the_site,
+            "build-image",
+            [
+                f"# build-image: {the_site.name}",
+                "",
+                f"- image: `{result.image.pinned}`",
+                f"- builder: {result.image.builder}, context `{the_site.image_context}`",
+                f"- {'built' if result.built else 'unchanged, nothing built'} ({result.seconds:.1f}s)",
+                f"- location: `{result.image.location}`",
+            ],
+            f"build-image on {the_site.name}",
         )
         return result.image

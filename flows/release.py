@@ -3,38 +3,54 @@
 from __future__ import annotations
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
-from flows._common import artifact_key, open_site
-from flows.build_image import build_image
-from flows.deploy_hub import check_hub, deploy_hub, health_markdown
-from flows.test_notebooks import test_notebooks
-from olab.guard import site_guard
-from olab.models import ReleaseResult
+from core.guard import site_guard
+from core.models import FlowPlan, PlannedStep, ReleaseResult
+from core.planning import hub_spec
+from flows._common import health_markdown, open_site, publish, publish_plan
+from flows.build_image import build_image, plan_image
+from flows.deploy_hub import check_hub, deploy_hub
+from flows.test_notebooks import lab_steps, plan_lab_run, test_notebooks
+from tasks.notebooks import discover_labs
 
 
 @flow(name="release")
-def release(site: str = "local") -> ReleaseResult:
-    """Ship the labs: a failing lab stops the release before anything is deployed."""
-    the_site = open_site(site)
+def release(site: str = "local", dry_run: bool = False) -> ReleaseResult | FlowPlan:
+    """Ship the labs: a failing lab stops the release before anything is deployed.
+
+    site: a site name in sites/ (or a site file's path).
+    dry_run: only say what would be built, tested and deployed; change nothing.
+    """
+    the_site, platform = open_site(site)
     with site_guard(the_site):
+        if dry_run:
+            built = plan_image(the_site)
+            sources, _, labs = plan_lab_run(the_site, built.existing, None)
+            steps = built.steps + lab_steps(built.existing, sources, labs.reused)
+            if built.existing is None:
+                steps.append(PlannedStep(verb="start", subject="the hub on the new image", detail="restarting it if it runs"))
+            else:
+                hub = platform.plan_hub(hub_spec(the_site, built.existing, discover_labs(the_site.labs_dir)))
+                verb = {"start": "start", "restart": "restart", "unchanged": "leave"}[hub.action]
+                steps.append(PlannedStep(verb=verb, subject=f"the hub at {hub.url}", detail=hub.reason))
+            steps.append(PlannedStep(verb="check", subject="the hub's health"))
+            return publish_plan(the_site, "release", steps)
         image = build_image(site=site)
         labs = test_notebooks(site=site, image=image)
         hub = deploy_hub(site=site, image=image, check=False)
-        health = check_hub(the_site)
-        create_markdown_artifact(
-            key=artifact_key(the_site, "release"),
-            description=f"release on {the_site.name}",
-            markdown="\n".join(
-                [
-                    f"# release: {the_site.name}",
-                    "",
-                    f"- image `{image.pinned}`",
-                    f"- labs: {len(labs.results)} passed ({sum(r.cached for r in labs.results)} unchanged, not rerun)",
-                    f"- hub: {hub.url} ({hub.action})",
-                    "",
-                    *health_markdown(health),
-                ]
-            ),
+        health = check_hub(the_site, platform)
+        publish(
+            the_site,
+            "release",
+            [
+                f"# release: {the_site.name}",
+                "",
+                f"- image `{image.pinned}`",
+                f"- labs: {len(labs.results)} passed ({sum(r.cached for r in labs.results)} unchanged, not rerun)",
+                f"- hub: {hub.url} ({hub.action})",
+                "",
+                *health_markdown(health),
+            ],
+            f"release on {the_site.name}",
         )
         return ReleaseResult(image=image, labs=labs, hub=hub, health=health)

@@ -12,11 +12,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows._common import artifact_key, open_site
-from flows.build_image import build_image
-from olab.guard import site_guard
-from olab.models import ImageRef, LabReport, LabResult
-from olab.planning import lab_cache_key, plan_labs
+from core.guard import site_guard
+from core.models import FlowPlan, ImageRef, LabReport, LabResult, LabSource, PlannedStep
+from core.planning import lab_cache_key, plan_labs
+from flows._common import artifact_key, open_site, publish_plan
+from flows.build_image import build_image, plan_image
 from tasks.oci import engine_for, insecure_registries
 from tasks.notebooks import cached_result, discover_labs, run_lab, stage_lab, store_result
 
@@ -28,21 +28,55 @@ class LabsFailed(RuntimeError):
         super().__init__(f"{len(lines)} of {len(report.results)} labs failed: " + "; ".join(lines))
 
 
+def lab_steps(image: ImageRef | None, sources: list[LabSource], reused: list[LabResult]) -> list[PlannedStep]:
+    """What a test run would do with each lab: rerun it, or reuse its pass in this image."""
+    passed = {r.lab for r in reused}
+    where = image.pinned if image else "the image build-image would make"
+    return [
+        PlannedStep(verb="skip", subject=f"lab {lab.name}", detail=f"unchanged since it passed in {where}")
+        if lab.name in passed
+        else PlannedStep(verb="run", subject=f"lab {lab.name}", detail=f"in {where}")
+        for lab in sources
+    ]
+
+
+def plan_lab_run(site, image: ImageRef | None, only: list[str] | None):
+    settings = site.config.labs
+    sources = discover_labs(site.labs_dir, only)
+    if image is None:
+        return sources, {}, plan_labs(sources, {})
+    keys = {lab.name: lab_cache_key(image, lab, settings.cell_timeout_seconds) for lab in sources}
+    cached = {name: hit for name, key in keys.items() if (hit := cached_result(site.paths.lab_cache, key))}
+    return sources, keys, plan_labs(sources, cached)
+
+
 @flow(name="test-notebooks")
-def test_notebooks(site: str = "local", image: ImageRef | None = None, labs: list[str] | None = None) -> LabReport:
-    """Run the labs (all, or those named) in the image; any failure fails the flow."""
-    the_site = open_site(site)
+def test_notebooks(
+    site: str = "local", image: ImageRef | None = None, labs: list[str] | None = None, dry_run: bool = False
+) -> LabReport | FlowPlan:
+    """Run the labs (all, or those named) in the image; any failure fails the flow.
+
+    site: a site name in sites/ (or a site file's path).
+    image: the image to test in (default: build-image's, built if its inputs changed).
+    labs: lab names to run (default: every lab in the site's labs folder).
+    dry_run: only say which labs would run and which passed before in this image; change nothing.
+    """
+    the_site, _ = open_site(site)
     logger = get_run_logger()
     started = time.monotonic()
     with site_guard(the_site):
+        if dry_run:
+            steps: list[PlannedStep] = []
+            if image is None:
+                built = plan_image(the_site)
+                steps, image = built.steps, built.existing
+            sources, _, plan = plan_lab_run(the_site, image, labs)
+            return publish_plan(the_site, "test-notebooks", steps + lab_steps(image, sources, plan.reused))
         if image is None:
             image = build_image(site=site)
         settings = the_site.config.labs
-        sources = discover_labs(the_site.labs_dir, labs)
         cache = the_site.paths.lab_cache
-        keys = {lab.name: lab_cache_key(image, lab, settings.cell_timeout_seconds) for lab in sources}
-        cached = {name: hit for name, key in keys.items() if (hit := cached_result(cache, key))}
-        plan = plan_labs(sources, cached)
+        sources, keys, plan = plan_lab_run(the_site, image, labs)
         for hit in plan.reused:
             logger.info("%s: unchanged since it passed in %s; not rerun", hit.lab, image.tag)
         results: list[LabResult] = list(plan.reused)

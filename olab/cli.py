@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 # Offline machines cannot reach Prefect's telemetry; keep its errors out of the way.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from olab.config import ConfigError, Site, Target, load_site  # noqa: E402
+from core.config import ConfigError, Site, load_site  # noqa: E402
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -23,17 +23,23 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _check_site(ref: str, supported: tuple[Target, ...] = (Target.local,)) -> Site:
+def _check_site(ref: str, *, lifecycle: bool = True) -> Site:
+    """The validated site; for a lifecycle command, also one its target can run (else one line, exit 2)."""
     site = load_site(ref)
-    if site.config.target not in supported:
-        raise ConfigError(
-            [f"{site.source}: target: {site.config.target.value} is not supported by this command yet (supported: "
-             + ", ".join(t.value for t in supported) + ")"]
-        )
+    if lifecycle:
+        from core.platform import TargetNotReady
+        from targets import platform_for
+
+        try:
+            platform_for(site)
+        except TargetNotReady as exc:
+            raise ConfigError([f"{site.source}: {exc}"]) from None
     return site
 
 
 def _run_flow(name: str, call: Callable[[], object], summary: Callable[[object], list[str]]) -> int:
+    from core.models import FlowPlan
+
     try:
         result = call()
     except ConfigError as exc:
@@ -47,6 +53,11 @@ def _run_flow(name: str, call: Callable[[], object], summary: Callable[[object],
         _err(f"olab {name}: FAILED: {exc}")
         return EXIT_FAILED
     print()
+    if isinstance(result, FlowPlan):
+        print(f"dry run of {result.flow} on site {result.site}: nothing was changed")
+        for line in result.lines():
+            print(f"  {line}")
+        return EXIT_OK
     for line in summary(result):
         print(line)
     return EXIT_OK
@@ -64,14 +75,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         ]
 
     _site = _check_site(args.site)
-    return _run_flow("up", lambda: release(site=args.site), summary)
+    return _run_flow("up", lambda: release(site=args.site, dry_run=args.dry_run), summary)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from flows.build_image import build_image
 
     _check_site(args.site)
-    return _run_flow("build", lambda: build_image(site=args.site), lambda img: [f"image {img.pinned}", f"  at {img.location}"])
+    return _run_flow(
+        "build", lambda: build_image(site=args.site, dry_run=args.dry_run), lambda img: [f"image {img.pinned}", f"  at {img.location}"]
+    )
 
 
 def cmd_test(args: argparse.Namespace) -> int:
@@ -80,7 +93,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     _check_site(args.site)
     return _run_flow(
         "test",
-        lambda: test_notebooks(site=args.site, labs=args.lab or None),
+        lambda: test_notebooks(site=args.site, labs=args.lab or None, dry_run=args.dry_run),
         lambda report: [r.describe() for r in report.results] + [f"all {len(report.results)} labs passed"],
     )
 
@@ -91,8 +104,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     _check_site(args.site)
     return _run_flow(
         "deploy",
-        lambda: deploy_hub(site=args.site, check=not args.no_check),
-        lambda hub: [f"hub {hub.url} ({hub.action}), pid {hub.pid}", f"  image {hub.image.pinned}"],
+        lambda: deploy_hub(site=args.site, check=not args.no_check, dry_run=args.dry_run),
+        lambda hub: [f"hub {hub.url} ({hub.action})", f"  image {hub.image.pinned}"],
     )
 
 
@@ -102,7 +115,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
     _check_site(args.site)
     return _run_flow(
         "provision",
-        lambda: provision_cluster(site=args.site),
+        lambda: provision_cluster(site=args.site, dry_run=args.dry_run),
         lambda report: [f"{'ok' if c.ok else 'NO':3} {c.name}: {c.detail}" for c in report.checks],
     )
 
@@ -113,7 +126,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     site = _check_site(args.site)
     return _run_flow(
         "stop",
-        lambda: stop_hub(site=args.site),
+        lambda: stop_hub(site=args.site, dry_run=args.dry_run),
         lambda was: [f"hub of site {site.name} stopped; data kept in {site.paths.runtime}" if was else f"no hub was running for site {site.name}"],
     )
 
@@ -124,12 +137,6 @@ def cmd_teardown(args: argparse.Namespace) -> int:
     site = _check_site(args.site)
 
     def summary(r) -> list[str]:
-        if r.dry_run:
-            return [
-                f"dry run: nothing was stopped, written or deleted on site {site.name}",
-                f"  would back up {len(r.users)} users ({r.files} files, {r.bytes} bytes) to {site.paths.backups}",
-                f"  would delete {site.paths.runtime}",
-            ]
         if r.already_torn_down:
             return [f"site {site.name} is already torn down; restore point {r.restore_point}"]
         return [
@@ -154,14 +161,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
             f"  {len(r.users)} users verified file by file; hub {r.hub.url} ({r.hub.action})",
         ]
 
-    return _run_flow("restore", lambda: restore(site=args.site, restore_point=args.restore_point), summary)
+    return _run_flow(
+        "restore", lambda: restore(site=args.site, restore_point=args.restore_point, dry_run=args.dry_run), summary
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from olab.status import site_status
 
     try:
-        site = _check_site(args.site, supported=tuple(Target))
+        site = _check_site(args.site, lifecycle=False)
     except ConfigError as exc:
         for line in exc.problems:
             _err(line)
@@ -174,7 +183,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from olab.doctor import diagnose
 
-    site = _check_site(args.site, supported=tuple(Target))
+    site = _check_site(args.site, lifecycle=False)
     lines, ok = diagnose(site)
     for line in lines:
         print(line)
@@ -182,7 +191,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_credentials(args: argparse.Namespace) -> int:
-    from olab.secrets import SecretStore
+    from core.secrets import SecretStore
 
     site = _check_site(args.site)
     if not site.paths.secrets.exists():
@@ -228,6 +237,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 }
 
 
+LIFECYCLE = ("up", "build", "test", "deploy", "provision", "teardown", "restore", "stop")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--site", default=argparse.SUPPRESS, help="site name in sites/ or path to a site file (default: local)")
@@ -239,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--lab", action="append", help="run only this lab (repeatable)")
         if name == "deploy":
             cmd.add_argument("--no-check", action="store_true", help="skip the health check")
-        if name == "teardown":
-            cmd.add_argument("--dry-run", action="store_true", help="print what would be stopped, backed up and deleted")
+        if name in LIFECYCLE:
+            cmd.add_argument("--dry-run", action="store_true", help="say what would be done, and change nothing")
         if name == "restore":
             cmd.add_argument("--restore-point", help="restore this one (default: the newest complete one)")
         if name == "status":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import shutil
 
-from olab.config import Site
-from olab.runner import ToolMissing
+from core.config import Site
+from core.runner import ToolMissing
 
 TOOLS = {
     "buildah": "apt-get install buildah",
@@ -19,7 +19,7 @@ TOOLS = {
 
 
 def diagnose(site: Site) -> tuple[list[str], bool]:
-    from tasks.jupyterhub import proxy_command
+    from tasks.local_hub import proxy_command
     from tasks.oci import resolve_builder
     from tasks.python_env import uv_binary
     from tasks.registry import Registry

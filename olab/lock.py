@@ -6,9 +6,9 @@ import platform
 import tempfile
 from pathlib import Path
 
-from olab.files import atomic_write
-from olab.planning import REQUIREMENTS_IN, REQUIREMENTS_LOCK, lock_header
-from olab.runner import run
+from core.files import atomic_write
+from core.planning import REQUIREMENTS_IN, REQUIREMENTS_LOCK, lock_header
+from core.runner import run
 
 
 def regenerate_lock(context: Path) -> Path:

@@ -11,17 +11,15 @@ import importlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from olab.config import ConfigError, Site, find_project, olab_home
-from olab.files import write_json
-from olab.runner import pid_alive, start_background, stop_process
+from core.config import ConfigError, Site, find_project, olab_home
+from core.files import write_json
+from core.runner import ServerDidNotStart, http_answers, pid_alive, start_server, stop_process
 
 
 def server_file() -> Path:
@@ -36,21 +34,21 @@ def running_server() -> str | None:
         url, pid = info["url"], int(info["pid"])
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    if not pid_alive(pid):
-        return None
-    try:
-        return url if httpx.get(f"{url}/health", timeout=2).status_code == 200 else None
-    except httpx.HTTPError:
-        return None
+    return url if pid_alive(pid) and http_answers(f"{url}/health") else None
+
+
+# The slug that marks a prefect.yaml schedule as the site's own (schedules.<which> of the
+# site file, in its timezone); `prefect deploy` keeps the cron written next to it.
+SITE_SCHEDULE_SLUGS = {"site-teardown": "teardown", "site-restore": "restore"}
 
 
 class ScheduleSpec(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    # A cron expression, or "site:teardown" / "site:restore" for the site's own schedule.
     cron: str
     timezone: str | None = None
     active: bool = True
+    slug: str | None = None
 
 
 class DeploymentSpec(BaseModel):
@@ -81,18 +79,19 @@ def load_flow(entrypoint: str):
     return getattr(module, attr)
 
 
-def site_cron(site: Site, cron: str) -> str:
-    if cron.startswith("site:"):
-        which = cron.removeprefix("site:")
-        if which not in ("teardown", "restore"):
-            raise ConfigError([f"prefect.yaml: schedule {cron!r}: use site:teardown or site:restore"])
-        return getattr(site.config.schedules, which)
-    return cron
+def site_schedule(site: Site, spec: ScheduleSpec):
+    """The schedule `olab serve` gives a prefect.yaml schedule for this site."""
+    from prefect.client.schemas.schedules import CronSchedule
+
+    if spec.slug and spec.slug.startswith("site-"):
+        which = SITE_SCHEDULE_SLUGS.get(spec.slug)
+        if which is None:
+            raise ConfigError([f"prefect.yaml: schedule slug {spec.slug!r}: use site-teardown or site-restore"])
+        return CronSchedule(cron=getattr(site.config.schedules, which), timezone=site.config.schedules.timezone)
+    return CronSchedule(cron=spec.cron, timezone=spec.timezone or site.config.schedules.timezone)
 
 
 def to_runner_deployments(site: Site, specs: list[DeploymentSpec]) -> list:
-    from prefect.client.schemas.schedules import CronSchedule
-
     deployments = []
     for spec in specs:
         flow = load_flow(spec.entrypoint)
@@ -101,11 +100,7 @@ def to_runner_deployments(site: Site, specs: list[DeploymentSpec]) -> list:
                 name=f"{spec.name}",
                 description=spec.description,
                 parameters={**spec.parameters, "site": site.name},
-                schedules=[
-                    CronSchedule(cron=site_cron(site, s.cron), timezone=s.timezone or site.config.schedules.timezone)
-                    for s in spec.schedules
-                    if s.active
-                ],
+                schedules=[site_schedule(site, s) for s in spec.schedules if s.active],
                 tags=[*spec.tags, f"site:{site.name}"],
             )
         )
@@ -116,22 +111,16 @@ def start_prefect_server(site: Site, port: int) -> tuple[int, str]:
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": url}
     env.pop("PREFECT_API_URL", None)
-    pid = start_background(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=site.paths.runtime,
-        log_file=site.paths.logs / "prefect-server.log",
-        env=env,
-    )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return pid, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    stop_process(pid)
-    raise RuntimeError(f"the Prefect server did not start on {url}; see {site.paths.logs / 'prefect-server.log'}")
+    log = site.paths.logs / "prefect-server.log"
+    try:
+        pid = start_server(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=site.paths.runtime, log_file=log, env=env, ready=lambda: http_answers(f"{url}/health"),
+            timeout=90, what=f"the Prefect server on {url}", poll=0.5,
+        )
+    except ServerDidNotStart as exc:
+        raise RuntimeError(str(exc)) from None
+    return pid, url
 
 
 def serve_site(site: Site, port: int = 4200) -> int:

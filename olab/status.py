@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import httpx
-
-from olab.config import Site
-from olab.runner import pid_alive
-from olab.state import load_state, read_mark
+from core.config import Site
+from core.state import load_state
 
 LIFECYCLE_FLOWS = (
     "release", "build-image", "test-notebooks", "deploy-hub", "provision-cluster", "stop-hub", "teardown", "restore",
 )
-
-
-def _hub_version(url: str) -> str | None:
-    try:
-        response = httpx.get(f"{url}/hub/api/", timeout=3)
-        return response.json().get("version") if response.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
-        return None
 
 
 def last_runs(site: Site, limit: int = 8) -> list[str]:
@@ -52,50 +41,56 @@ def last_runs(site: Site, limit: int = 8) -> list[str]:
 
 
 def site_status(site: Site, runs: bool = True) -> list[str]:
-    from tasks.backup import list_restore_points, read_manifest
+    from core.platform import TargetNotReady
+    from targets import platform_for
 
-    state = load_state(site)
-    mark = read_mark(site)
     out = [f"site {site.name} ({site.config.target.value}) from {site.source}", f"  runtime  {site.paths.runtime}"]
+    try:
+        platform = platform_for(site)
+    except TargetNotReady as exc:
+        out.append(f"  target   {exc}")
+        return out + (_runs(site) if runs else [])
+    state = load_state(site)
+    mark = platform.read_mark()
     if state.image:
         out.append(f"  image    {state.image.pinned}")
     elif mark:
-        # The runtime (and its state) is inside the restore point; its manifest names the image.
+        # The runtime (and its state) is inside the restore point, which names the image.
         try:
-            image = read_manifest(site.paths.backups / mark.restore_point).image or "none recorded"
+            kept = platform.restore_point_image(mark.restore_point)
+            image = kept.pinned if kept else "none recorded"
         except (OSError, ValueError):
             image = "unknown (restore point unreadable)"
         out.append(f"  image    {image} (kept in restore point {mark.restore_point})")
     else:
         out.append("  image    none built yet (olab build)")
-    hub = state.hub
-    if hub is None and mark:
+    hub = platform.hub_state()
+    if state.hub is None and mark:
         out.append("  hub      torn down (olab restore brings it back)")
-    elif hub is None:
+    elif state.hub is None and not hub.running:
         out.append("  hub      never deployed (olab deploy)")
     else:
-        alive = pid_alive(hub.pid)
-        version = _hub_version(hub.url) if alive else None
-        if alive and version:
-            out.append(f"  hub      {hub.url} running (pid {hub.pid}, JupyterHub {version})")
-        elif alive:
-            out.append(f"  hub      {hub.url} process {hub.pid} alive but not answering")
+        if hub.running and hub.version:
+            out.append(f"  hub      {hub.url} running ({hub.detail}, JupyterHub {hub.version})")
+        elif hub.running:
+            out.append(f"  hub      {hub.url} {hub.detail}: alive but not answering")
         else:
             out.append(f"  hub      {hub.url} stopped (data kept; olab deploy starts it)")
-        out.append(f"  serving  {hub.image.pinned}, since {hub.started_at:%Y-%m-%d %H:%M:%S}")
+        if state.hub:
+            out.append(f"  serving  {state.hub.image.pinned}, since {state.hub.started_at:%Y-%m-%d %H:%M:%S}")
     if state.health:
         failed = [c.name for c in state.health.checks if not c.ok]
         out.append(f"  health   {'ok' if not failed else 'FAILED: ' + ', '.join(failed)} ({len(state.health.checks)} checks)")
-    points = list_restore_points(site.paths.backups)
-    complete = [p.id for p in points if p.complete]
+    complete = [p.id for p in platform.restore_points() if p.complete]
     if mark:
         out.append(f"  TORN DOWN ({mark.phase} since {mark.since:%Y-%m-%d %H:%M}); restore point {mark.restore_point}: olab restore")
     out.append(f"  backups  {len(complete)} complete restore points in {site.paths.backups}" + (f", newest {complete[-1]}" if complete else ""))
-    if runs:
-        try:
-            found = last_runs(site)
-        except Exception as exc:  # status must answer even when Prefect does not
-            found = [f"    (Prefect API not reachable: {exc})"]
-        out.append("  last runs:" if found else "  last runs: none recorded")
-        out.extend(found)
-    return out
+    return out + (_runs(site) if runs else [])
+
+
+def _runs(site: Site) -> list[str]:
+    try:
+        found = last_runs(site)
+    except Exception as exc:  # status must answer even when Prefect does not
+        found = [f"    (Prefect API not reachable: {exc})"]
+    return ["  last runs:" if found else "  last runs: none recorded", *found]

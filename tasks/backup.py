@@ -1,6 +1,6 @@
 """The backup location on disk: archives of user homes and hub state, verified.
 
-Archives are plain tar files (``olab.tarball``) written in one pass that also
+Archives are plain tar files (``core.tarball``) written in one pass that also
 takes every file's SHA-256 and the archive's own digest; verification reads
 them back. Extraction goes to a staging folder and every extracted file is
 checked against the manifest before the staging folder may replace anything.
@@ -14,12 +14,28 @@ import shutil
 import stat
 import tempfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from datetime import UTC, datetime
 from pathlib import Path
 
-from olab import tarball
-from olab.files import write_json
-from olab.restore_points import COMPLETE, MANIFEST, ArchiveEntry, FileEntry, Manifest, RestorePoint
-from olab.tarball import Member
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from core import tarball
+from core.files import write_json
+from core.logs import progress, task_logger
+from core.models import ImageRef, UserRestore
+from core.restore_points import (
+    COMPLETE,
+    HUB_ARCHIVE,
+    HUB_PATHS,
+    MANIFEST,
+    ArchiveEntry,
+    FileEntry,
+    Manifest,
+    RestorePoint,
+    plan_prune,
+)
+from core.tarball import Member
 
 
 class BackupError(RuntimeError):
@@ -233,24 +249,95 @@ def check_writable(location: Path, needed_bytes: int) -> None:
         )
 
 
-def remove_tree(root: Path) -> None:
-    """rmtree, with the folders two levels down (a runtime's homes/<user>)
-    removed on several threads: unlinking is kernel work that overlaps."""
-    jobs = []
-    for child in root.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            jobs += [(lambda g=g: shutil.rmtree(g) if g.is_dir() and not g.is_symlink() else g.unlink())
-                     for g in child.iterdir()]
-    parallel(jobs, 2 * (os.cpu_count() or 2))
-    shutil.rmtree(root)
-
-
-def parallel(jobs, workers: int, progress=None):
+def parallel(jobs, workers: int, on_progress=None):
     """Run callables on a thread pool (hashing and file I/O release the GIL);
     progress(done, total) is called as each one finishes."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(job) for job in jobs]
-        if progress is not None:
+        if on_progress is not None:
             for done, _ in enumerate(as_completed(futures), 1):
-                progress(done, len(futures))
+                on_progress(done, len(futures))
         return [future.result() for future in futures]
+
+
+@task(name="write-restore-point", cache_policy=NO_CACHE)
+def write_restore_point(
+    site: str, runtime: Path, point: Path, users: list[str], image: ImageRef | None, hub_config_hash: str | None
+) -> Manifest:
+    """Archive every home (in parallel) and the hub's state; manifest last."""
+    (point / "users").mkdir(parents=True, exist_ok=True)
+    os.chmod(point, 0o700)
+    homes = runtime / "homes"
+    jobs = [
+        (lambda name=name: write_archive(homes / name, point / "users" / f"{name}.tar", name))
+        for name in users
+    ]
+    jobs.append(lambda: write_archive(runtime, point / f"{HUB_ARCHIVE}.tar", HUB_ARCHIVE, include=HUB_PATHS))
+    archives: list[ArchiveEntry] = parallel(jobs, os.cpu_count() or 2, progress(task_logger(), "archived (homes + hub state)"))
+    hub_archive = archives.pop()
+    manifest = Manifest(
+        id=point.name,
+        site=site,
+        created=datetime.now(UTC),
+        image=image.pinned if image else None,
+        image_ref=image.model_dump(mode="json") if image else None,
+        hub_config_hash=hub_config_hash,
+        users=archives,
+        hub=hub_archive,
+    )
+    write_manifest(point, manifest)
+    return manifest
+
+
+@task(name="verify-restore-point", cache_policy=NO_CACHE)
+def verify_restore_point(point: Path, manifest: Manifest) -> None:
+    """Read every archive back against the manifest, make it durable, then mark the point complete."""
+    jobs = [
+        (lambda u=u: verify_archive(point / "users" / u.archive, u, f"user {u.name}", durable=True))
+        for u in manifest.users
+    ]
+    jobs.append(lambda: verify_archive(point / manifest.hub.archive, manifest.hub, "hub state", durable=True))
+    parallel(jobs, os.cpu_count() or 2, progress(task_logger(), "verified archives"))
+    # The archives are on disk (fsynced as they checked out); now their names.
+    sync_folder(point / "users")
+    mark_complete(point)
+
+
+@task(name="unpack-and-verify", cache_policy=NO_CACHE)
+def unpack_and_verify(point: Path, staging: Path) -> list[UserRestore]:
+    """Unpack a restore point into ``staging``; every file checked (in parallel)."""
+    manifest = read_manifest(point)
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "homes").mkdir(parents=True)
+    # The hub's state unpacks into a folder of its own: no member of it can reach a home
+    # (or a link in one); only the hub's own top-level names are then moved into place.
+    hub_folder = staging / ".hub-unpack"
+    jobs = [
+        (lambda u=u: extract_and_verify(point / "users" / u.archive, u, staging / "homes" / u.name, f"user {u.name}"))
+        for u in manifest.users
+    ]
+    jobs.append(lambda: extract_and_verify(point / manifest.hub.archive, manifest.hub, hub_folder, "hub state"))
+    try:
+        parallel(jobs, os.cpu_count() or 2, progress(task_logger(), "unpacked and verified (homes + hub state)"))
+        allowed = {p.split("/")[0] for p in HUB_PATHS}
+        for entry in sorted(hub_folder.iterdir()):
+            if entry.name not in allowed or entry.is_symlink():
+                raise VerificationFailed(f"hub state: {entry.name}: not part of the hub's state")
+            os.replace(entry, staging / entry.name)
+        hub_folder.rmdir()
+    except Exception:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return [
+        UserRestore(user=u.name, files=sum(f.type == "file" for f in u.files), bytes=u.bytes, verified=True)
+        for u in manifest.users
+    ]
+
+
+def prune(location: Path, keep: int, protect: set[str]) -> list[str]:
+    """Remove what retention says to; returns the ids removed."""
+    doomed = plan_prune(list_restore_points(location), keep, protect)
+    for point in doomed:
+        shutil.rmtree(point.path)
+    return [p.id for p in doomed]

@@ -16,11 +16,11 @@ import jupytext
 import nbformat
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from olab.logs import task_logger
+from core.logs import task_logger
 
-from olab.files import sha256_file, write_json
-from olab.models import ImageRef, LabResult, LabSource
-from olab.runner import CommandError, run
+from core.files import sha256_file, write_json
+from core.models import ImageRef, LabResult, LabSource
+from core.runner import CommandError, run
 from tasks.oci import Engine
 
 LAB_SUFFIXES = (".md", ".ipynb")
@@ -70,7 +70,7 @@ def stage_lab(lab: LabSource, dest: Path) -> Path:
 
 
 def labrunner_script() -> Path:
-    return Path(str(resources.files("olab").joinpath("labrunner.py")))
+    return Path(str(resources.files("core").joinpath("labrunner.py")))
 
 
 def cached_result(cache: Path, key: str) -> LabResult | None:

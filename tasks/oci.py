@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,10 +18,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from olab.files import atomic_write
-from olab.logs import task_logger
-from olab.retry import retry_options
-from olab.runner import CommandError, ToolMissing, pid_alive, run, start_background, stop_process
+from core.files import atomic_write
+from core.logs import task_logger
+from core.retry import retry_options
+from core.runner import CommandError, ToolMissing, pid_alive, read_pid_file, run, start_server, stop_pid_file
 
 APT_HINT = "apt-get install buildah podman runc fuse-overlayfs"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -36,8 +35,8 @@ def docker_usable() -> bool:
     if not _have("docker"):
         return False
     try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
+        return run(["docker", "info"], check=False, timeout=10).returncode == 0
+    except (ToolMissing, CommandError):
         return False
 
 
@@ -84,7 +83,8 @@ class Engine:
 
     @property
     def socket(self) -> Path:
-        return self.store / "podman.sock"
+        """The Docker-compatible API socket (podman's is started by ensure_api_socket)."""
+        return Path("/var/run/docker.sock") if self.runtime == "docker" else self.store / "podman.sock"
 
     def prepare(self, insecure_registries: list[str]) -> Engine:
         """Write the shared container configuration (idempotent)."""
@@ -177,38 +177,31 @@ class Engine:
         return argv
 
     def import_rootfs(self, rootfs: Path, ref: str) -> None:
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        try:
-            result = subprocess.run(
-                [self.runtime, "import", "-", ref], stdin=tar.stdout, env=self.env, capture_output=True, text=True
-            )
-        finally:
-            tar.wait()
-        if result.returncode != 0:
-            raise CommandError([self.runtime, "import"], result.returncode, result.stderr)
+        with tempfile.TemporaryDirectory(dir=rootfs.parent, prefix=".olab-rootfs-") as tmp:
+            archive = Path(tmp) / "rootfs.tar"
+            run(["tar", "-C", str(rootfs), "-cf", str(archive), "."], timeout=1800)
+            self.run([self.runtime, "import", str(archive), ref], timeout=1800)
 
     def ensure_api_socket(self) -> Path:
         """podman's Docker-compatible API on a unix socket, for DockerSpawner."""
         if self.runtime == "docker":
-            return Path("/var/run/docker.sock")
-        pid_file = self.store / "podman-service.pid"
-        pid = int(pid_file.read_text()) if pid_file.exists() else None
-        if pid_alive(pid) and self.socket.exists():
             return self.socket
-        if self.socket.exists():
-            self.socket.unlink()
-        pid = start_background(
+        pid_file = self.store / "podman-service.pid"
+        if pid_alive(read_pid_file(pid_file)) and self.socket.exists():
+            return self.socket
+        stop_pid_file(pid_file)
+        self.socket.unlink(missing_ok=True)
+        start_server(
             ["podman", "system", "service", "--time=0", f"unix://{self.socket}"],
             cwd=self.store,
             log_file=self.store / "podman-service.log",
             env=self.env,
+            ready=self.socket.exists,
+            timeout=30,
+            what="podman's API service",
+            pid_file=pid_file,
+            poll=0.1,
         )
-        pid_file.write_text(str(pid))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not self.socket.exists():
-            time.sleep(0.1)
-        if not self.socket.exists():
-            raise CommandError(["podman", "system", "service"], None, f"no socket after 30s; see {self.store / 'podman-service.log'}")
         return self.socket
 
 
@@ -219,19 +212,20 @@ def insecure_registries(site) -> list[str]:
 
 
 def stop_api_socket(store: Path) -> bool:
-    pid_file = store / "podman-service.pid"
-    if not pid_file.exists():
-        return False
-    return stop_process(int(pid_file.read_text()))
+    return stop_pid_file(store / "podman-service.pid")
 
 
 def engine_for(builder: str, store: Path, registries: list[str]) -> Engine:
     return Engine(builder=builder, store=store).prepare(registries)
 
 
+def debootstrap_ref(suite: str) -> str:
+    return f"localhost/olab-base:{suite}"
+
+
 def ensure_debootstrap_base(engine: Engine, suite: str, work: Path) -> str:
     """A minimal Debian image with Python, made here when no registry can be pulled from."""
-    ref = f"localhost/olab-base:{suite}"
+    ref = debootstrap_ref(suite)
     if engine.image_id(ref):
         return ref
     if not shutil.which("debootstrap"):

@@ -17,13 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import task
-from olab.logs import task_logger
+from core.logs import task_logger
 
-from olab.files import tree_files, write_json
-from olab.models import BuildResult, ImageRef
-from olab.planning import REQUIREMENTS_IN, REQUIREMENTS_LOCK, check_lock, image_tag
-from olab.retry import retry_options
-from olab.runner import ToolMissing, run
+from core.files import tree_files, write_json
+from core.models import BuildResult, ImageRef
+from core.planning import REQUIREMENTS_IN, REQUIREMENTS_LOCK, check_lock, image_tag
+from core.retry import retry_options
+from core.runner import ToolMissing, run
 
 MARKER = ".olab-image.json"
 

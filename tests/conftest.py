@@ -24,12 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def prefect_server():
+    """A Prefect test server (SQLite), started once for the tests that run flows."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _prefect_for_slow_tests(request):
+    # The fast tier (-m "not slow") starts no server; a slow test gets the shared one.
+    if request.node.get_closest_marker("slow"):
+        request.getfixturevalue("prefect_server")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -71,6 +79,14 @@ class SiteFactory:
         return path
 
 
+def hub_pid(site) -> int | None:
+    """The pid of a local site's running hub (the local target's own record)."""
+    from tasks.local_hub import running_process
+
+    found = running_process(site)
+    return found.pid if found else None
+
+
 @pytest.fixture
 def make_site(tmp_path) -> SiteFactory:
     return SiteFactory(tmp_path)
@@ -79,17 +95,25 @@ def make_site(tmp_path) -> SiteFactory:
 @pytest.fixture
 def stop_hubs():
     """Collects site files whose hubs must be stopped when the test ends."""
-    from olab.config import load_site
-    from olab.state import load_state
-    from tasks.jupyterhub import stop_hub
+    from core.config import load_site
+    from tasks.local_hub import stop_hub
 
     sites: list[Path] = []
     yield sites
     for path in sites:
         try:
-            stop_hub(load_state(load_site(str(path))).hub)
+            stop_hub(load_site(str(path)))
         except FileNotFoundError:
             pass
+
+
+@pytest.fixture
+def one_lab(tmp_path) -> dict:
+    """The labs section of a site with one quick lab, which its health check renders."""
+    folder = tmp_path / "one-lab"
+    folder.mkdir()
+    shutil.copy(REPO / "labs" / "radioactive_decay.md", folder / "radioactive_decay.md")
+    return {"path": str(folder), "health_check_lab": "radioactive_decay"}
 
 
 @pytest.fixture

@@ -1,0 +1,267 @@
+"""Typed results that one lifecycle stage hands to the next."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+
+class _Result(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class ImageRef(_Result):
+    """A built user environment, pinned by the digest of what went into it.
+
+    For the ``venv`` builder the digest is the content hash of the build inputs
+    and ``location`` is the environment's folder; OCI builders put the registry
+    reference there.
+    """
+
+    name: str
+    tag: str
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    builder: Literal["venv", "buildah", "podman", "docker"] = "venv"
+    location: str
+    repository: str | None = None
+
+    @property
+    def is_oci(self) -> bool:
+        return self.builder != "venv"
+
+    @property
+    def pinned(self) -> str:
+        return f"{self.repository or self.name}@{self.digest}"
+
+    @property
+    def python(self) -> Path:
+        return Path(self.location) / "bin" / "python"
+
+    @property
+    def bin(self) -> Path:
+        return Path(self.location) / "bin"
+
+
+class BuildResult(_Result):
+    image: ImageRef
+    built: bool
+    seconds: float
+
+
+class LabSource(_Result):
+    name: str
+    path: Path
+    content_hash: str
+
+
+LabStatus = Literal["passed", "failed", "timeout", "error"]
+
+
+class LabResult(_Result):
+    lab: str
+    status: LabStatus
+    seconds: float
+    failing_cell: int | None = None
+    cell_excerpt: str | None = None
+    error: str | None = None
+    cached: bool = False
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def describe(self) -> str:
+        if self.passed:
+            return f"{self.lab}: passed in {self.seconds:.1f}s" + (" (cached)" if self.cached else "")
+        where = f" in cell {self.failing_cell}" if self.failing_cell is not None else ""
+        excerpt = f" [{self.cell_excerpt}]" if self.cell_excerpt else ""
+        return f"{self.lab}: {self.status}{where}{excerpt}: {self.error}"
+
+
+class LabReport(_Result):
+    image: ImageRef
+    results: list[LabResult]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and all(r.passed for r in self.results)
+
+    @property
+    def failures(self) -> list[LabResult]:
+        return [r for r in self.results if not r.passed]
+
+
+class Check(_Result):
+    name: str
+    ok: bool
+    detail: str = ""
+    seconds: float = 0.0
+    planned: bool = False  # a dry run's "would be created", not yet there
+
+
+class ProvisionReport(_Result):
+    site: str
+    target: str
+    checks: list[Check]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+HubAction = Literal["start", "restart", "unchanged"]
+
+
+class ResourceLimits(_Result):
+    """Per user server; None means no limit."""
+
+    memory: str | None = None  # "2G", "512M"
+    cpu: float | None = None  # cores
+
+
+class HubSpec(_Result):
+    """What the hub should be, whatever it runs on; each target renders it
+    (local: the JupyterHub config; gke: Zero-to-JupyterHub values)."""
+
+    image: ImageRef
+    authenticator: Literal["shared-password", "lti"]
+    admins: list[str]
+    default_url: str
+    start_timeout_seconds: int
+    limits: ResourceLimits = ResourceLimits()
+    cull_idle_seconds: int = 0  # 0: never stop idle servers
+    labs: list[LabSource] = []
+
+
+class HubPlan(_Result):
+    """What applying a HubSpec would do, decided before anything changes."""
+
+    action: HubAction
+    config_hash: str
+    url: str
+    reason: str
+
+
+class HubState(_Result):
+    """The hub as it is now: read from the target, not from a record."""
+
+    running: bool
+    url: str
+    version: str | None = None
+    image: ImageRef | None = None
+    config_hash: str | None = None
+    detail: str = ""
+
+
+class HubAccess(_Result):
+    """How olab reaches a hub's REST API: its URL and the olab service's token."""
+
+    url: str
+    token: SecretStr
+
+
+class HubDeployment(_Result):
+    """What runs for a site's hub after deploy-hub (how it runs is the target's business)."""
+
+    url: str
+    config_hash: str
+    image: ImageRef
+    started_at: datetime
+    action: HubAction = "start"
+
+
+class HealthReport(_Result):
+    hub_url: str
+    checks: list[Check]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.checks) and all(c.ok for c in self.checks)
+
+
+class ReleaseResult(_Result):
+    image: ImageRef
+    labs: LabReport
+    hub: HubDeployment
+    health: HealthReport
+
+
+class TeardownReport(_Result):
+    site: str
+    restore_point: str | None
+    users: list[str]
+    files: int
+    bytes: int
+    seconds: float
+    dry_run: bool = False
+    already_torn_down: bool = False
+    pruned: list[str] = []
+
+
+class UserRestore(_Result):
+    user: str
+    files: int
+    bytes: int
+    verified: bool
+
+
+class RestoreReport(_Result):
+    site: str
+    restore_point: str | None
+    users: list[UserRestore]
+    hub: HubDeployment | None
+    seconds: float
+    note: str = ""
+
+
+class RestorePointSummary(_Result):
+    """What a restore point holds, in target-neutral terms."""
+
+    id: str
+    users: list[str]
+    files: int
+    bytes: int
+    image: ImageRef | None = None
+
+
+class DataFacts(_Result):
+    """What a target holds of a site's data right now (for teardown's decisions)."""
+
+    exists: bool
+    users: list[str] = []
+    files: int = 0
+    bytes: int = 0
+    where: str = ""
+
+
+StepVerb = Literal[
+    "build", "reuse", "run", "skip", "start", "restart", "leave", "stop", "archive", "delete", "restore",
+    "prepare", "check", "refuse", "prune", "finish",
+]
+
+
+class PlannedStep(_Result):
+    verb: StepVerb
+    subject: str
+    detail: str = ""
+
+
+class FlowPlan(_Result):
+    """A dry run's answer: what a real run would do, step by step. Nothing was changed."""
+
+    flow: str
+    site: str
+    steps: list[PlannedStep]
+
+    def lines(self) -> list[str]:
+        return [f"would {s.verb} {s.subject}" + (f": {s.detail}" if s.detail else "") for s in self.steps]
+
+    def markdown(self) -> str:
+        rows = [f"| {s.verb} | {s.subject} | {s.detail} |" for s in self.steps] or ["| (nothing) | | |"]
+        return "\n".join(
+            [f"# {self.flow}: {self.site} (dry run: nothing was changed)", "", "| would | what | detail |", "|---|---|---|", *rows]
+        )

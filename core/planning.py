@@ -1,0 +1,198 @@
+"""What to change: pure functions over plain data, tested without any server."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from core.config import Site
+from core.files import content_hash, sha256_bytes
+from core.models import (
+    DataFacts,
+    HubAction,
+    HubSpec,
+    HubState,
+    ImageRef,
+    LabResult,
+    LabSource,
+    PlannedStep,
+    ResourceLimits,
+)
+from core.restore_points import RestorePoint, TeardownMark, choose_restore_point
+
+LOCK_HEADER = re.compile(r"^# olab-input-sha256: ([0-9a-f]{64})\s*$", re.MULTILINE)
+REQUIREMENTS_IN = "requirements.in"
+REQUIREMENTS_LOCK = "requirements.lock"
+
+
+class StaleLock(ValueError):
+    """The lock file no longer matches the requirements it was made from."""
+
+
+def check_lock(requirements_in: bytes, lock_text: str, lock_path: Path) -> None:
+    found = LOCK_HEADER.search(lock_text)
+    if not found:
+        raise StaleLock(f"{lock_path}: no '# olab-input-sha256:' header; regenerate it with `olab lock`")
+    if found.group(1) != sha256_bytes(requirements_in):
+        raise StaleLock(
+            f"{lock_path} was made from another {REQUIREMENTS_IN}; regenerate it with `olab lock`"
+        )
+
+
+def lock_header(requirements_in: bytes) -> str:
+    return f"# olab-input-sha256: {sha256_bytes(requirements_in)}\n"
+
+
+def image_tag(context_files: dict[str, bytes], python_version: str, builder: str) -> str:
+    """The content hash of everything that goes into a user environment."""
+    pieces = dict(context_files)
+    pieces["\0python"] = python_version.encode()
+    pieces["\0builder"] = builder.encode()
+    return content_hash(pieces.items())
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    tag: str
+    build: bool
+    reason: str
+
+
+def plan_build(tag: str, existing: ImageRef | None) -> BuildPlan:
+    """``tag`` is the full content hash; an image is pinned by it as its digest."""
+    if existing is not None and existing.digest == f"sha256:{tag}":
+        return BuildPlan(tag, False, f"environment {tag[:12]} is already built")
+    return BuildPlan(tag, True, f"no complete environment for inputs {tag[:12]}")
+
+
+def lab_cache_key(image: ImageRef, lab: LabSource, cell_timeout: int) -> str:
+    return sha256_bytes(f"{image.digest}\0{lab.content_hash}\0{cell_timeout}".encode())
+
+
+@dataclass(frozen=True)
+class LabPlan:
+    to_run: list[LabSource]
+    reused: list[LabResult]
+
+
+def plan_labs(labs: list[LabSource], cached: dict[str, LabResult]) -> LabPlan:
+    """Labs whose (environment, content) pair already passed are not rerun."""
+    to_run, reused = [], []
+    for lab in labs:
+        hit = cached.get(lab.name)
+        if hit is not None and hit.passed:
+            reused.append(hit.model_copy(update={"cached": True}))
+        else:
+            to_run.append(lab)
+    return LabPlan(to_run, reused)
+
+
+def hub_spec(site: Site, image: ImageRef, labs: list[LabSource]) -> HubSpec:
+    """The hub a site asks for, on ``image``, serving ``labs``: what every target renders."""
+    hub = site.config.hub
+    return HubSpec(
+        image=image,
+        authenticator=hub.authenticator,
+        admins=sorted(hub.admins),
+        default_url=hub.default_url,
+        start_timeout_seconds=hub.start_timeout_seconds,
+        limits=ResourceLimits(memory=hub.memory_limit, cpu=hub.cpu_limit),
+        cull_idle_seconds=hub.cull_idle_seconds,
+        labs=labs,
+    )
+
+
+def plan_hub(config_hash: str, running_hash: str | None, running: bool) -> tuple[HubAction, str]:
+    """Start a hub that is not running; restart one whose config changed. (action, reason)"""
+    if not running:
+        return "start", "no hub is running"
+    if running_hash != config_hash:
+        return "restart", f"its configuration changed ({(running_hash or 'unknown')[:12]} -> {config_hash[:12]})"
+    return "unchanged", f"it already runs configuration {config_hash[:12]}"
+
+
+class Refused(RuntimeError):
+    """A lifecycle flow that must not run in the site's present state; the message says why."""
+
+
+@dataclass(frozen=True)
+class TeardownDecision:
+    kind: Literal["finish", "fresh"]
+    restore_point: str | None = None
+    already_torn_down: bool = False
+
+
+def plan_teardown(site: str, mark: TeardownMark | None, data: DataFacts) -> TeardownDecision:
+    """Finish a teardown that already kept a verified restore point; else start a fresh one,
+    which needs something to tear down."""
+    if mark is not None and mark.phase in ("deleting", "torn-down"):
+        return TeardownDecision("finish", mark.restore_point, already_torn_down=mark.phase == "torn-down")
+    if not data.exists:
+        raise Refused(f"site {site} has no runtime at {data.where}: nothing to tear down")
+    return TeardownDecision("fresh")
+
+
+def teardown_steps(
+    decision: TeardownDecision, data: DataFacts, hub: HubState, running_servers: list[str], backups: str, keep: int
+) -> list[PlannedStep]:
+    """What a teardown would do, for its dry run."""
+    if decision.kind == "finish":
+        if decision.already_torn_down:
+            return [PlannedStep(verb="leave", subject="the site", detail=f"already torn down; restore point {decision.restore_point}")]
+        return [PlannedStep(verb="finish", subject=f"deleting {data.where}", detail=f"restore point {decision.restore_point} is complete")]
+    steps = [PlannedStep(verb="check", subject=f"room at {backups}", detail=f"{data.bytes} bytes to keep")]
+    if hub.running:
+        steps.append(PlannedStep(verb="stop", subject="user servers", detail=", ".join(running_servers) or "none are running"))
+        steps.append(PlannedStep(verb="stop", subject=f"the hub at {hub.url}", detail=hub.detail))
+    else:
+        steps.append(PlannedStep(verb="leave", subject="the hub", detail="not running"))
+    steps.append(
+        PlannedStep(
+            verb="archive", subject=f"{len(data.users)} users and the hub's state",
+            detail=f"{data.files} files, {data.bytes} bytes, into a new restore point in {backups}",
+        )
+    )
+    steps.append(PlannedStep(verb="delete", subject=data.where, detail="after the restore point is verified"))
+    steps.append(PlannedStep(verb="prune", subject="restore points", detail=f"keeping the newest {keep} complete ones"))
+    return steps
+
+
+@dataclass(frozen=True)
+class RestoreDecision:
+    kind: Literal["ensure-deployed", "restore"]
+    point: RestorePoint | None = None
+    finish_deletion: bool = False
+
+
+def plan_restore(
+    site: str, mark: TeardownMark | None, runtime_exists: bool, points: list[RestorePoint], wanted: str | None
+) -> RestoreDecision:
+    """Restore a torn-down site from a complete point; on a live site only make sure its hub runs."""
+    if mark is None:
+        if wanted:
+            raise Refused(f"site {site} is not torn down; restoring {wanted} over a live site is refused")
+        if not runtime_exists:
+            raise Refused(f"site {site} is not torn down and has no runtime: nothing to restore")
+        return RestoreDecision("ensure-deployed")
+    try:
+        chosen = choose_restore_point(points, wanted)
+    except ValueError as exc:
+        raise Refused(f"site {site}: {exc}") from None
+    return RestoreDecision("restore", chosen, finish_deletion=mark.phase == "deleting")
+
+
+def restore_steps(decision: RestoreDecision, where: str) -> list[PlannedStep]:
+    if decision.kind == "ensure-deployed":
+        return [PlannedStep(verb="leave", subject="the data", detail="the site is not torn down"),
+                PlannedStep(verb="start", subject="the hub, if it is not running", detail="as deploy-hub would")]
+    assert decision.point is not None
+    steps = []
+    if decision.finish_deletion:
+        steps.append(PlannedStep(verb="finish", subject=f"deleting {where}", detail="the teardown did not finish it"))
+    steps += [
+        PlannedStep(verb="restore", subject=decision.point.id, detail="unpack beside the runtime, verify every file"),
+        PlannedStep(verb="start", subject="the hub", detail="on the image the restore point names"),
+    ]
+    return steps

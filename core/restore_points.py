@@ -1,0 +1,158 @@
+"""Restore points: what a teardown saved, and which one a restore may use.
+
+A restore point is a folder under the site's backup location:
+
+    rp-20261129T190000Z-1a2b3c/
+        users/<name>.tar      one archive per user home
+        hub.tar               the hub database, the secret store, the site state
+        manifest.json         every file: path, type, size, mode, mtime, owner, sha256;
+                              each archive's own digest
+        COMPLETE              written last, after the archives were verified
+
+Only a folder with COMPLETE is ever chosen; pure functions here decide which.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+# 2: archives digested with XXH3-128 ("archive_hash": "xxh3_128:<hex>") and mtimes kept
+#    to the nanosecond ("mtime_ns"). Schema 1 points ("archive_sha256") still restore.
+SCHEMA_VERSION = 2
+COMPLETE = "COMPLETE"
+MANIFEST = "manifest.json"
+HUB_ARCHIVE = "hub"
+# What of a local runtime is the hub's state (kept in hub.tar): everything else is rebuilt by deploy.
+HUB_PATHS = ["hub/jupyterhub.sqlite", "secrets", "state.json"]
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    type: Literal["file", "dir", "symlink"]
+    mode: int
+    mtime: float
+    mtime_ns: int | None = None
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    sha256: str | None = None
+    target: str | None = None
+
+
+class ArchiveEntry(BaseModel):
+    """One archive of a restore point: a user's home, or the hub's state."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    archive: str
+    files: list[FileEntry]
+    archive_hash: str  # "algorithm:hex" over every byte of the archive
+
+    @field_validator("name", "archive")
+    @classmethod
+    def _one_component(cls, value: str) -> str:
+        # Restore joins these to folder names: a user, or an archive, is one path component.
+        if not value or "/" in value or "\0" in value or value in (".", ".."):
+            raise ValueError(f"{value!r} is not a single file name")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _schema_1(cls, data):
+        if isinstance(data, dict) and "archive_sha256" in data and "archive_hash" not in data:
+            data = {**data, "archive_hash": f"sha256:{data['archive_sha256']}"}
+            del data["archive_sha256"]
+        return data
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def hash_algorithm(self) -> str:
+        return self.archive_hash.partition(":")[0]
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    id: str
+    site: str
+    created: datetime
+    image: str | None
+    image_ref: dict | None = None
+    hub_config_hash: str | None
+    users: list[ArchiveEntry]
+    hub: ArchiveEntry
+
+    @property
+    def total_files(self) -> int:
+        return sum(len(u.files) for u in self.users) + len(self.hub.files)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(u.bytes for u in self.users) + self.hub.bytes
+
+
+class RestorePoint(BaseModel):
+    """A restore point folder as found on disk."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    path: Path
+    complete: bool
+
+
+def restore_point_id(now: datetime, salt: str) -> str:
+    return f"rp-{now.strftime('%Y%m%dT%H%M%S%fZ')}-{salt[:6]}"
+
+
+def newest_complete(points: list[RestorePoint]) -> RestorePoint | None:
+    complete = [p for p in points if p.complete]
+    return max(complete, key=lambda p: p.id) if complete else None
+
+
+def choose_restore_point(points: list[RestorePoint], wanted: str | None) -> RestorePoint:
+    """The newest complete point, or the one asked for, which must be complete."""
+    if wanted:
+        for point in points:
+            if point.id == wanted:
+                if not point.complete:
+                    raise ValueError(f"restore point {wanted} is incomplete (its teardown did not finish); it cannot be restored")
+                return point
+        known = ", ".join(p.id for p in points if p.complete) or "none"
+        raise ValueError(f"no restore point {wanted} (complete ones: {known})")
+    chosen = newest_complete(points)
+    if chosen is None:
+        raise ValueError("no complete restore point to restore from")
+    return chosen
+
+
+def plan_prune(points: list[RestorePoint], keep: int, protect: set[str] = frozenset()) -> list[RestorePoint]:
+    """What retention removes: complete points beyond the newest ``keep``, and
+    incomplete ones older than the newest complete point; never the newest
+    complete one, never a protected one."""
+    keep = max(keep, 1)
+    complete = sorted((p for p in points if p.complete), key=lambda p: p.id, reverse=True)
+    newest = complete[0].id if complete else None
+    doomed = [p for p in complete[keep:]]
+    if newest:
+        doomed += [p for p in points if not p.complete and p.id < newest]
+    return [p for p in doomed if p.id != newest and p.id not in protect]
+
+
+class TeardownMark(BaseModel):
+    """Kept beside the restore points: where an interrupted teardown or restore stood."""
+
+    phase: Literal["deleting", "torn-down", "restoring"]
+    restore_point: str
+    since: datetime

@@ -1,0 +1,66 @@
+"""The site's secret store: one JSON file, mode 0600, in a 0700 folder.
+
+Secrets are generated on first use and never leave this file except through
+the environment or config of the process that needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets as _random
+import stat
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from core.files import atomic_write
+from core.runner import register_secrets
+
+
+class HubSecrets(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    cookie_secret: SecretStr
+    proxy_auth_token: SecretStr
+    admin_password: SecretStr
+    user_password: SecretStr
+    api_token: SecretStr
+
+    @classmethod
+    def generate(cls) -> HubSecrets:
+        return cls(
+            cookie_secret=_random.token_hex(32),
+            proxy_auth_token=_random.token_hex(32),
+            # SharedPasswordAuthenticator wants admin passwords of 32+ characters.
+            admin_password=_random.token_urlsafe(32),
+            user_password=_random.token_urlsafe(12),
+            api_token=_random.token_hex(32),
+        )
+
+    def values(self) -> list[str]:
+        return [v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr)]
+
+
+class SecretStore:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load_or_create(self) -> HubSecrets:
+        if self.path.exists():
+            return self.load()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path.parent, 0o700)
+        fresh = HubSecrets.generate()
+        plain = {k: v.get_secret_value() for k, v in fresh.__dict__.items()}
+        atomic_write(self.path, json.dumps(plain, indent=2), mode=0o600)
+        register_secrets(fresh.values())
+        return fresh
+
+    def load(self) -> HubSecrets:
+        mode = stat.S_IMODE(self.path.stat().st_mode)
+        if mode & 0o077:
+            raise PermissionError(f"{self.path}: secret store has mode {mode:04o}; run chmod 600 on it")
+        secrets = HubSecrets.model_validate_json(self.path.read_text())
+        register_secrets(secrets.values())
+        return secrets

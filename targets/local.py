@@ -1,0 +1,159 @@
+"""The local target: the hub, its users' servers and their data on this machine.
+
+Today's local lifecycle behind the seam of ``core.platform``: a JupyterHub
+process (``tasks.local_hub``), the site's runtime folder (``tasks.host``) and
+restore points in a backup folder (``tasks.backup``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from core.config import Site
+from core.files import content_hash
+from core.models import (
+    DataFacts,
+    HubAccess,
+    HubDeployment,
+    HubPlan,
+    HubSpec,
+    HubState,
+    ImageRef,
+    ProvisionReport,
+    RestorePointSummary,
+    UserRestore,
+)
+from core.planning import plan_hub
+from core.restore_points import Manifest, RestorePoint, TeardownMark
+from core.secrets import SecretStore
+from core.state import clear_mark, load_state, read_mark, write_mark
+from tasks import backup, host, local_hub
+from tasks.hub_api import hub_version
+from tasks.notebooks import stage_lab
+from tasks.oci import Engine, engine_for, insecure_registries
+from tasks.local_registry import ensure_local_registry
+
+
+class LocalPlatform:
+    def __init__(self, site: Site):
+        self.site = site
+        self._manifests: dict[str, Manifest] = {}
+
+    # What the hub runs on: this machine.
+    def provision(self, *, dry_run: bool = False) -> ProvisionReport:
+        checks = host.prepare_local_host(self.site, dry_run=dry_run)
+        return ProvisionReport(site=self.site.name, target=self.site.config.target.value, checks=checks)
+
+    def ensure_registry(self) -> None:
+        image = self.site.config.image
+        if image.local_registry:
+            ensure_local_registry(self.site.paths.containers, image.registry)
+
+    # The hub.
+    def _render(self, spec: HubSpec) -> tuple[dict, str, str]:
+        image = spec.image
+        settings = local_hub.render_settings(
+            self.site,
+            spec,
+            proxy_command=local_hub.proxy_command(),
+            run_as_root=os.geteuid() == 0,
+            docker_socket=Engine(builder=image.builder, store=self.site.paths.containers).socket if image.is_oci else None,
+        )
+        template = local_hub.hub_template()
+        labs_hash = content_hash((lab.name, lab.content_hash.encode()) for lab in spec.labs)
+        return settings, template, local_hub.config_hash(settings, template, labs_hash)
+
+    def plan_hub(self, spec: HubSpec) -> HubPlan:
+        _, _, config_hash = self._render(spec)
+        running = local_hub.running_process(self.site)
+        action, reason = plan_hub(config_hash, running.config_hash if running else None, running is not None)
+        return HubPlan(action=action, config_hash=config_hash, url=self.site.hub_url, reason=reason)
+
+    def apply_hub(self, spec: HubSpec, plan: HubPlan) -> HubDeployment:
+        paths = self.site.paths
+        SecretStore(paths.secrets).load_or_create()
+        for lab in spec.labs:
+            stage_lab(lab, paths.labs)
+        if spec.image.is_oci:
+            engine = engine_for(spec.image.builder, paths.containers, insecure_registries(self.site))
+            engine.ensure_local(spec.image.pinned)
+            engine.ensure_api_socket()
+        settings, template, config_hash = self._render(spec)
+        if config_hash != plan.config_hash:
+            raise RuntimeError("the hub's configuration changed between its plan and its apply; run deploy again")
+        return local_hub.apply_hub(self.site, spec, plan, settings, template)
+
+    def hub_state(self) -> HubState:
+        running = local_hub.running_process(self.site)
+        recorded = load_state(self.site).hub
+        url = self.site.hub_url
+        return HubState(
+            running=running is not None,
+            url=url,
+            version=hub_version(url) if running else None,
+            image=recorded.image if recorded else None,
+            config_hash=running.config_hash if running else None,
+            detail=f"pid {running.pid}" if running else "no hub process",
+        )
+
+    def hub_access(self) -> HubAccess:
+        secrets = SecretStore(self.site.paths.secrets).load()
+        return HubAccess(url=self.site.hub_url, token=secrets.api_token)
+
+    def stop_hub(self) -> bool:
+        return local_hub.stop_hub(self.site) is not None
+
+    # User data: homes and the hub's state in the runtime folder, restore points in the backup folder.
+    def data_facts(self) -> DataFacts:
+        return host.runtime_facts(self.site)
+
+    def check_backup_room(self, needed_bytes: int) -> None:
+        backup.check_writable(self.site.paths.backups, needed_bytes)
+
+    def save_user_data(self, point_id: str, users: list[str]) -> RestorePointSummary:
+        state = load_state(self.site)
+        # The image the hub last ran; else the last one built.
+        image = state.hub.image if state.hub else state.image
+        manifest = backup.write_restore_point(
+            self.site.name, self.site.paths.runtime, self.site.paths.backups / point_id, users,
+            image, state.hub.config_hash if state.hub else None,
+        )
+        self._manifests[point_id] = manifest
+        return RestorePointSummary(
+            id=point_id, users=[u.name for u in manifest.users], files=manifest.total_files,
+            bytes=manifest.total_bytes, image=image,
+        )
+
+    def _manifest(self, point_id: str) -> Manifest:
+        return self._manifests.get(point_id) or backup.read_manifest(self.site.paths.backups / point_id)
+
+    def verify_user_data(self, point_id: str) -> None:
+        backup.verify_restore_point(self.site.paths.backups / point_id, self._manifest(point_id))
+
+    def release_runtime(self) -> None:
+        host.delete_runtime(self.site)
+
+    def restore_points(self) -> list[RestorePoint]:
+        return backup.list_restore_points(self.site.paths.backups)
+
+    def prune_restore_points(self, protect: set[str]) -> list[str]:
+        return backup.prune(self.site.paths.backups, self.site.config.backups.keep, protect)
+
+    def bring_back_user_data(self, point_id: str) -> list[UserRestore]:
+        return backup.unpack_and_verify(self.site.paths.backups / point_id, host.staging_dir(self.site))
+
+    def swap_in_restored(self) -> None:
+        host.swap_in(self.site)
+
+    def restore_point_image(self, point_id: str) -> ImageRef | None:
+        manifest = self._manifest(point_id)
+        return ImageRef.model_validate(manifest.image_ref) if manifest.image_ref else None
+
+    def read_mark(self) -> TeardownMark | None:
+        return read_mark(self.site)
+
+    def write_mark(self, phase: str, point_id: str) -> None:
+        write_mark(self.site, phase, point_id)
+
+    def clear_mark(self) -> None:
+        clear_mark(self.site)

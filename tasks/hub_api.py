@@ -1,0 +1,167 @@
+"""A JupyterHub's REST API, on any target: the client, the health check, stopping servers.
+
+It needs only the hub's URL and the olab service's token (a ``HubAccess``),
+so the same code checks a hub on this machine and one behind a cluster's
+HTTPS ingress.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from urllib.parse import quote
+
+import httpx
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from core.logs import task_logger
+from core.models import Check, HealthReport, HubAccess
+from core.retry import TransientError, retry_options
+
+HEALTH_USER = "olab-health"
+WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
+
+
+class HubError(RuntimeError):
+    """The hub did something other than what was asked; the message says what."""
+
+
+class HubAPI:
+    """The hub's REST API, authenticated as the olab service (or anonymous, for its version)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0):
+        self.url = url
+        headers = {"Authorization": f"token {token}"} if token else {}
+        self._client = httpx.Client(base_url=url, headers=headers, timeout=timeout)
+
+    @classmethod
+    def of(cls, access: HubAccess, timeout: float = 30.0) -> HubAPI:
+        return cls(access.url, access.token.get_secret_value(), timeout)
+
+    def __enter__(self) -> HubAPI:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._client.close()
+
+    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        response = self._client.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("message", response.text)
+            except ValueError:
+                # An HTML error page: its title says enough.
+                title = re.search(r"<title>(.*?)</title>", response.text, re.S)
+                message = title.group(1).strip() if title else response.text[:120]
+            raise httpx.HTTPStatusError(
+                f"{method} {path}: {response.status_code} {message}", request=response.request, response=response
+            )
+        return response
+
+    def version(self) -> str:
+        return self.request("GET", "/hub/api/").json()["version"]
+
+    def ensure_user(self, name: str) -> None:
+        if self._client.get(f"/hub/api/users/{quote(name)}").status_code == 404:
+            self.request("POST", f"/hub/api/users/{quote(name)}")
+
+    def user(self, name: str) -> dict:
+        return self.request("GET", f"/hub/api/users/{quote(name)}").json()
+
+    def users(self) -> list[dict]:
+        return self.request("GET", "/hub/api/users").json()
+
+    def running_servers(self) -> list[str]:
+        return [u["name"] for u in self.users() if u.get("servers")]
+
+    def start_server(self, name: str, timeout: float) -> None:
+        # A stop still under way (say, from an earlier attempt's clean-up) must finish first.
+        self._wait(name, lambda server: not (server and server.get("pending")), timeout, "done stopping")
+        server = self.user(name).get("servers", {}).get("")
+        if not (server and server.get("ready")):
+            self.request("POST", f"/hub/api/users/{quote(name)}/server")
+        self._wait(name, lambda server: bool(server and server.get("ready")), timeout, "ready")
+
+    def stop_server(self, name: str, timeout: float) -> None:
+        if self.user(name).get("servers", {}).get(""):
+            self.request("DELETE", f"/hub/api/users/{quote(name)}/server")
+        self._wait(name, lambda server: not server, timeout, "stopped")
+
+    def _wait(self, name: str, done, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            server = self.user(name).get("servers", {}).get("")
+            if done(server):
+                return
+            time.sleep(0.25)
+        raise TransientError(f"server of {name} not {what} after {timeout:.0f}s")
+
+    def get_user_page(self, name: str, path: str, timeout: float) -> httpx.Response:
+        return self.request("GET", f"/user/{quote(name)}/{path}", timeout=timeout)
+
+
+def hub_version(url: str) -> str | None:
+    """The version a hub reports without a token, or None when it does not answer."""
+    try:
+        with HubAPI(url, timeout=3) as api:
+            return api.version()
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+
+
+@task(name="stop-user-servers", cache_policy=NO_CACHE)
+def stop_user_servers(access: HubAccess, timeout: float) -> list[str]:
+    """Stop every running user server; waits until each is down. Returns whose were running."""
+    with HubAPI.of(access) as api:
+        running = api.running_servers()
+        for name in running:
+            api.stop_server(name, timeout=timeout)
+    return running
+
+
+def _timed(checks: list[Check], name: str, step) -> object:
+    started = time.monotonic()
+    try:
+        detail = step()
+    except Exception as exc:
+        checks.append(Check(name=name, ok=False, detail=str(exc)[:300], seconds=time.monotonic() - started))
+        raise
+    checks.append(Check(name=name, ok=True, detail=str(detail or ""), seconds=time.monotonic() - started))
+    return detail
+
+
+@task(name="hub-health-check", cache_policy=NO_CACHE, **retry_options(retries=2))
+def health_check(access: HubAccess, lab: str, timeout: float) -> HealthReport:
+    """Create a test user, start their server, render a lab in Voilà, stop it."""
+    logger = task_logger()
+    checks: list[Check] = []
+    with HubAPI.of(access) as api:
+        try:
+            _timed(checks, "hub api", lambda: f"JupyterHub {api.version()}")
+            _timed(checks, "create test user", lambda: api.ensure_user(HEALTH_USER) or HEALTH_USER)
+            _timed(checks, "start server", lambda: api.start_server(HEALTH_USER, timeout))
+            _timed(
+                checks,
+                "server status",
+                lambda: "last activity " + str(api.get_user_page(HEALTH_USER, "api/status", 30).json().get("last_activity")),
+            )
+
+            def render() -> str:
+                page = api.get_user_page(HEALTH_USER, f"voila/render/labs/{quote(lab)}.ipynb", timeout)
+                widgets = page.text.count(WIDGET_MIME)
+                if widgets == 0:
+                    raise HubError(f"Voilà rendered labs/{lab}.ipynb without any widget")
+                return f"labs/{lab}.ipynb: {len(page.content)} bytes, {widgets} widget views"
+
+            _timed(checks, "render lab in Voilà", render)
+            _timed(checks, "stop server", lambda: api.stop_server(HEALTH_USER, timeout))
+        except Exception:
+            try:
+                api.stop_server(HEALTH_USER, 30)
+            except Exception as cleanup:  # report the first failure, not the cleanup's
+                logger.warning("could not stop %s's server after a failed check: %s", HEALTH_USER, cleanup)
+            raise
+    for check in checks:
+        logger.info("%-20s ok  %5.1fs  %s", check.name, check.seconds, check.detail)
+    return HealthReport(hub_url=access.url, checks=checks)

@@ -1,0 +1,121 @@
+"""The command choke point: masking, streaming, timeouts, typed errors."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+
+import pytest
+
+from core.files import atomic_write
+from core.runner import (
+    CommandError,
+    ServerDidNotStart,
+    ToolMissing,
+    pid_alive,
+    read_pid_file,
+    run,
+    start_background,
+    start_server,
+    stop_pid_file,
+    stop_process,
+)
+from core.secrets import SecretStore
+
+
+def test_output_streams_and_secrets_are_masked():
+    seen = []
+    env = {**os.environ, "TOKEN": "s3cr3t-value"}
+    result = run([sys.executable, "-c", "import os; print('a'); print('token=' + os.environ['TOKEN'])"], env=env, secrets=["s3cr3t-value"], on_line=seen.append)
+    assert seen == ["a", "token=****"]
+    assert "s3cr3t-value" not in result.output
+
+
+def test_failure_is_typed_and_masked():
+    with pytest.raises(CommandError) as info:
+        run([sys.executable, "-c", "import sys; print('bad hunter2'); sys.exit(3)"], secrets=["hunter2"])
+    assert info.value.returncode == 3
+    assert "hunter2" not in str(info.value) and "bad ****" in str(info.value)
+    assert not info.value.timed_out
+
+
+def test_timeout_kills_the_process_group():
+    started = time.monotonic()
+    with pytest.raises(CommandError) as info:
+        run(["bash", "-c", "sleep 30 & sleep 30"], timeout=1)
+    assert info.value.timed_out
+    assert time.monotonic() - started < 10
+
+
+def test_missing_tool_says_so():
+    with pytest.raises(ToolMissing, match="no-such-tool-xyz is not installed"):
+        run(["no-such-tool-xyz"])
+
+
+def test_background_server_is_stopped_by_pid(tmp_path):
+    pid = start_background([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path, log_file=tmp_path / "log")
+    assert pid_alive(pid)
+    assert stat.S_IMODE((tmp_path / "log").stat().st_mode) == 0o600
+    assert stop_process(pid, grace_seconds=5)
+    assert not pid_alive(pid)
+
+
+def test_secret_store_is_private_and_stable(tmp_path):
+    store = SecretStore(tmp_path / "s" / "secrets.json")
+    first = store.load_or_create()
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(store.path.parent.stat().st_mode) == 0o700
+    assert store.load_or_create() == first
+    assert "*" in repr(first) and first.api_token.get_secret_value() not in repr(first)
+    os.chmod(store.path, 0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        store.load()
+
+
+def test_atomic_write_never_exposes_a_private_file(tmp_path):
+    target = tmp_path / "f"
+    atomic_write(target, "x", mode=0o600)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert target.read_text() == "x"
+
+
+def test_every_value_of_an_opened_secret_store_is_masked_without_being_named(tmp_path):
+    secrets = SecretStore(tmp_path / "s" / "secrets.json").load_or_create()
+    token = secrets.api_token.get_secret_value()
+    password = secrets.admin_password.get_secret_value()
+    seen: list[str] = []
+    script = "import sys; print(sys.argv[1]); print('pw', sys.argv[2]); sys.exit(4)"
+    with pytest.raises(CommandError) as info:
+        run([sys.executable, "-c", script, token, password], on_line=seen.append)
+    assert seen == ["****", "pw ****"]
+    # Not in the error's message, its output tail, or the command line it names.
+    text = str(info.value) + info.value.output_tail + " ".join(info.value.argv)
+    assert token not in text and password not in text
+
+
+def test_a_server_is_started_until_it_answers_and_stopped_by_its_pid_file(tmp_path):
+    ready_file = tmp_path / "ready"
+    pid_file = tmp_path / "srv.pid"
+    script = f"import pathlib, time; time.sleep(0.5); pathlib.Path({str(ready_file)!r}).touch(); time.sleep(60)"
+    pid = start_server([sys.executable, "-c", script], cwd=tmp_path, log_file=tmp_path / "srv.log",
+                       ready=ready_file.exists, timeout=20, what="the test server", pid_file=pid_file)
+    assert ready_file.exists() and read_pid_file(pid_file) == pid and pid_alive(pid)
+    assert stop_pid_file(pid_file, grace_seconds=5)
+    assert not pid_alive(pid) and not pid_file.exists()
+    assert stop_pid_file(pid_file) is False
+
+
+def test_a_server_that_dies_while_starting_is_reported_with_its_log(tmp_path):
+    script = "import sys; print('cannot bind: address in use'); sys.exit(1)"
+    with pytest.raises(ServerDidNotStart, match="the test server exited while starting") as info:
+        start_server([sys.executable, "-c", script], cwd=tmp_path, log_file=tmp_path / "srv.log",
+                     ready=lambda: False, timeout=20, what="the test server")
+    assert "cannot bind: address in use" in str(info.value)
+
+
+def test_a_server_that_never_answers_is_stopped(tmp_path):
+    with pytest.raises(ServerDidNotStart, match="did not answer within 1s"):
+        start_server([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path,
+                     log_file=tmp_path / "srv.log", ready=lambda: False, timeout=1, what="the test server")

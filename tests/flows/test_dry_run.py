@@ -1,0 +1,87 @@
+"""Every lifecycle flow's dry run on a deployed site: it says what a real run would do,
+publishes that as the flow's artifact, and changes nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from core.config import load_site
+from core.models import FlowPlan
+from flows.build_image import build_image
+from flows.deploy_hub import deploy_hub
+from flows.provision_cluster import provision_cluster
+from flows.release import release
+from flows.restore import restore
+from flows.stop_hub import stop_hub
+from flows.teardown import teardown
+from flows.test_notebooks import test_notebooks as run_labs
+from tests.conftest import hub_pid
+from tests.flows.test_lifecycle import latest_artifact
+
+pytestmark = pytest.mark.slow  # runs flows on a Prefect server
+
+
+# What the running hub itself writes while it runs, dry run or not: its log (every API
+# request) and its live database (token activity). The hub's pid is compared instead.
+LIVE_HUB_FILES = ("logs/hub.log", "hub/jupyterhub.sqlite", "hub/jupyterhub.sqlite-journal")
+
+
+def tree_digest(*roots: Path) -> str:
+    """Names, types, modes, sizes, mtimes and contents of everything below the roots."""
+    digest = hashlib.sha256()
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(dirs + files):
+                path = Path(folder) / name
+                if str(path.relative_to(root)) in LIVE_HUB_FILES:
+                    continue
+                st = path.lstat()
+                digest.update(f"{path}\0{st.st_mode}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+                if path.is_file() and not path.is_symlink():
+                    digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def deployed(make_site, one_lab, stop_hubs):
+    """A released site with a restore point behind it, its hub running."""
+    path = make_site("dry", labs=one_lab)
+    stop_hubs.append(path)
+    release(site=str(path))
+    teardown(site=str(path))
+    restore(site=str(path))
+    return path, load_site(str(path))
+
+
+def test_every_dry_run_names_what_it_would_do_and_changes_nothing(deployed):
+    path, site = deployed
+    pid = hub_pid(site)
+    assert pid and site.paths.backups.is_dir() and any(site.paths.backups.iterdir())
+    expected = {
+        # flow: (run, words the plan artifact must show)
+        "release": (lambda: release(site=str(path), dry_run=True), ["| reuse | venv olab-user:", "| skip | lab radioactive_decay |", "| leave | the hub at"]),
+        "build-image": (lambda: build_image(site=str(path), dry_run=True), ["| reuse | venv olab-user:"]),
+        "test-notebooks": (lambda: run_labs(site=str(path), dry_run=True), ["| skip | lab radioactive_decay |"]),
+        "deploy-hub": (lambda: deploy_hub(site=str(path), dry_run=True), ["| leave | the hub at", "| check | the hub's health |"]),
+        "provision-cluster": (lambda: provision_cluster(site=str(path), dry_run=True), ["| check | secret store |", "| check | port"]),
+        "stop-hub": (lambda: stop_hub(site=str(path), dry_run=True), [f"| stop | the hub at {site.hub_url} and every user server | pid {pid} |"]),
+        "teardown": (lambda: teardown(site=str(path), dry_run=True), ["| archive | 1 users and the hub's state |", f"| delete | {site.paths.runtime} |"]),
+        "restore": (lambda: restore(site=str(path), dry_run=True), ["| leave | the data | the site is not torn down |"]),
+    }
+    for flow, (run, words) in expected.items():
+        before = tree_digest(site.paths.runtime, site.paths.backups)
+        plan = run()
+        assert isinstance(plan, FlowPlan) and plan.flow == flow
+        assert tree_digest(site.paths.runtime, site.paths.backups) == before, f"{flow}'s dry run changed the site"
+        assert hub_pid(site) == pid, f"{flow}'s dry run touched the hub"
+        artifact = latest_artifact(f"dry-{flow}").data
+        assert "(dry run: nothing was changed)" in artifact
+        for word in words:
+            assert word in artifact, f"{flow}'s plan lacks {word!r}:\n{artifact}"
+    assert httpx.get(f"{site.hub_url}/hub/api/").status_code == 200

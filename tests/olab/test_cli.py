@@ -1,0 +1,156 @@
+"""The olab command as an operator uses it, and `olab serve` with the Prefect UI."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from olab.cli import main
+from core.runner import pid_alive, stop_process
+from tests.conftest import free_port
+
+from tests.conftest import REPO  # noqa: E402
+FLOWS = {"release", "build-image", "test-notebooks", "deploy-hub", "provision-cluster", "stop-hub", "teardown", "restore"}
+
+
+@pytest.mark.slow
+def test_provision_status_and_credentials(make_site, capsys):
+    path = str(make_site("cli"))
+    assert main(["provision", "--site", path]) == 0
+    out = capsys.readouterr().out
+    assert "ok  secret store" in out and "ok  port" in out
+
+    assert main(["status", "--site", path]) == 0
+    out = capsys.readouterr().out
+    assert "site cli (local)" in out
+    assert "image    none built yet" in out
+    assert "hub      never deployed" in out
+    assert "provision-cluster" in out and "Completed" in out
+
+    assert main(["credentials", "--site", path]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"admins:\s+admin\s+password: \S{32,}", out)
+
+
+@pytest.mark.slow
+def test_a_failed_flow_exits_1_with_its_reason(make_site, capsys, tmp_path):
+    path = str(make_site("nolabs", labs={"path": str(tmp_path / "nowhere")}))
+    assert main(["test", "--site", path]) == 1
+    err = capsys.readouterr().err
+    assert "olab test: FAILED:" in err and "labs folder does not exist" in err
+
+
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> httpx.Response:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"olab serve exited with {proc.returncode}"
+        try:
+            response = httpx.get(url, timeout=3)
+            if response.status_code == 200:
+                return response
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds}s")
+
+
+@pytest.mark.slow
+def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
+    path = str(make_site("srv", schedules={"timezone": "Europe/Paris", "teardown": "30 18 * * 5", "restore": "15 6 * * 1"}))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "olab.cli", "serve", "--site", path, "--port", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    server_pid = None
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        _wait_for(f"{api}/health", proc)
+        assert "<html" in _wait_for(f"http://127.0.0.1:{port}/", proc).text.lower()
+        deadline = time.monotonic() + 120
+        found = {}
+        while time.monotonic() < deadline and {f"{name}" for name in FLOWS} - set(found):
+            response = httpx.post(f"{api}/deployments/filter", json={"limit": 50}, timeout=5)
+            found = {d["name"]: d for d in response.json()}
+            time.sleep(1)
+        assert FLOWS <= set(found), f"deployments served: {sorted(found)}"
+        release = found["release"]
+        assert release["parameters"] == {"site": "srv"}
+        assert "site" in release["parameter_openapi_schema"]["properties"]
+        assert "site:srv" in release["tags"]
+        # The weekend schedules come from the site file, in the site's timezone.
+        crons = {
+            name: [(s["schedule"]["cron"], s["schedule"]["timezone"]) for s in found[name]["schedules"]]
+            for name in ("teardown", "restore")
+        }
+        assert crons == {"teardown": [("30 18 * * 5", "Europe/Paris")], "restore": [("15 6 * * 1", "Europe/Paris")]}
+        assert found["deploy-hub"]["schedules"] == []
+        # Another olab command on this machine runs its flow on serve's server: no temporary
+        # server, and the run shows in serve's UI.
+        other = subprocess.run(
+            [sys.executable, "-m", "olab.cli", "provision", "--site", path],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert other.returncode == 0, other.stderr
+        assert f"using the Prefect server of olab serve: http://127.0.0.1:{port}" in other.stderr
+        assert "temporary server" not in other.stderr + other.stdout
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 20}, timeout=5).json()
+        assert any(r["parameters"].get("site") == path for r in runs), "the provision run is not on serve's server"
+        log.seek(0)
+        match = re.search(r"server pid (\d+)", log.read())
+        assert match, "serve did not say which Prefect server it started"
+        server_pid = int(match.group(1))
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if server_pid and pid_alive(server_pid):
+            stop_process(server_pid)
+    assert server_pid and not pid_alive(server_pid), "serve must stop the Prefect server it started"
+    from olab.serve import running_server, server_file
+
+    assert not server_file().exists() and running_server() is None
+
+
+@pytest.mark.slow
+def test_lock_regenerates_a_lock_that_build_image_accepts(make_site, tmp_path, capsys):
+    from core.planning import REQUIREMENTS_IN, REQUIREMENTS_LOCK, check_lock
+
+    context = tmp_path / "image"
+    context.mkdir()
+    (context / REQUIREMENTS_IN).write_text("six==1.16.0\n")
+    path = str(make_site("lock", image={"context": str(context)}))
+    assert main(["lock", "--site", path]) == 0
+    lock = (context / REQUIREMENTS_LOCK).read_text()
+    assert "six==1.16.0" in lock and "--hash=sha256:" in lock
+    check_lock((context / REQUIREMENTS_IN).read_bytes(), lock, context / REQUIREMENTS_LOCK)
+    (context / REQUIREMENTS_IN).write_text("six==1.16.0\nattrs\n")
+    with pytest.raises(Exception, match="regenerate it with `olab lock`"):
+        check_lock((context / REQUIREMENTS_IN).read_bytes(), lock, context / REQUIREMENTS_LOCK)
+
+
+def test_doctor_names_the_builder_or_what_to_install(make_site, capsys, monkeypatch, tmp_path):
+    path = str(make_site("doc", image={"builder": "auto"}))
+    assert main(["doctor", "--site", path]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^builder  (buildah|docker|venv) \(image.builder: auto\)", out, re.M)
+    # With no container tools on PATH, an explicit buildah site is told what to install.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    path = str(make_site("doc2", image={"builder": "buildah"}))
+    assert main(["doctor", "--site", path]) == 1
+    out = capsys.readouterr().out
+    assert "builder  MISSING: image.builder buildah: buildah and podman not installed: apt-get install buildah podman" in out
