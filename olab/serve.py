@@ -79,11 +79,15 @@ def load_flow(entrypoint: str):
     return getattr(module, attr)
 
 
+def is_site_schedule(spec: ScheduleSpec) -> bool:
+    return bool(spec.slug and spec.slug.startswith("site-"))
+
+
 def site_schedule(site: Site, spec: ScheduleSpec):
     """The schedule `olab serve` gives a prefect.yaml schedule for this site."""
     from prefect.client.schemas.schedules import CronSchedule
 
-    if spec.slug and spec.slug.startswith("site-"):
+    if is_site_schedule(spec):
         which = SITE_SCHEDULE_SLUGS.get(spec.slug)
         if which is None:
             raise ConfigError([f"prefect.yaml: schedule slug {spec.slug!r}: use site-teardown or site-restore"])
@@ -100,7 +104,9 @@ def to_runner_deployments(site: Site, specs: list[DeploymentSpec]) -> list:
                 name=f"{spec.name}",
                 description=spec.description,
                 parameters={**spec.parameters, "site": site.name},
-                schedules=[site_schedule(site, s) for s in spec.schedules if s.active],
+                # The site's own weekend schedules always run under serve (the site file sets
+                # them); prefect.yaml deploys them paused to a shared server, where no site is chosen.
+                schedules=[site_schedule(site, s) for s in spec.schedules if s.active or is_site_schedule(s)],
                 tags=[*spec.tags, f"site:{site.name}"],
             )
         )
