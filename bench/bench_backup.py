@@ -157,24 +157,40 @@ def tar_extract(archive: Path, dest: Path, trash: Path) -> float:
 
 
 def olab_data_teardown(site) -> tuple[float, float, str]:
-    """write_restore_point + verify_restore_point (the hub is stopped): (write s, verify s, point id)."""
-    from flows.teardown import user_homes, verify_restore_point, write_restore_point
+    """write_restore_point + verify_restore_point (the hub is stopped): (write s, verify s, point id).
+
+    Called as the teardown flow calls them through ``LocalPlatform.save_user_data``
+    and ``verify_user_data``, with the tasks' plain functions.
+    """
     from core.restore_points import restore_point_id
+    from core.state import load_state
+    from tasks.backup import verify_restore_point, write_restore_point
+    from tasks.host import user_homes
 
     users = user_homes(site)
     point_id = restore_point_id(datetime.now(UTC), secrets.token_hex(3))
+    point = site.paths.backups / point_id
+
+    def write():
+        state = load_state(site)
+        # The image the hub last ran; else the last one built (as LocalPlatform.save_user_data).
+        image = state.hub.image if state.hub else state.image
+        config_hash = state.hub.config_hash if state.hub else None
+        return write_restore_point.fn(site.name, site.paths.runtime, point, users, image, config_hash)
+
     settle()
-    t_write, manifest = timed(lambda: write_restore_point.fn(site, point_id, users))
-    t_verify, _ = timed(lambda: verify_restore_point.fn(site, manifest))
+    t_write, manifest = timed(write)
+    t_verify, _ = timed(lambda: verify_restore_point.fn(point, manifest))
     return t_write, t_verify, point_id
 
 
 def olab_data_restore(site, point_id: str, trash_as: Path) -> float:
     """unpack_and_verify into the site's staging folder, which then goes to the trash."""
-    from flows.restore import staging_dir, unpack_and_verify
+    from tasks.backup import unpack_and_verify
+    from tasks.host import staging_dir
 
     settle()
-    seconds, users = timed(lambda: unpack_and_verify.fn(site, point_id))
+    seconds, users = timed(lambda: unpack_and_verify.fn(site.paths.backups / point_id, staging_dir(site)))
     assert all(u.verified for u in users)
     os.replace(staging_dir(site), trash_as)
     return seconds
@@ -193,13 +209,9 @@ def drop_restore_points(site) -> None:
 
 
 def stop_site(site) -> None:
-    from core.state import load_state
-    from tasks.jupyterhub import stop_hub
+    from tasks.local_hub import stop_hub
 
-    try:
-        stop_hub(load_state(site).hub)
-    except FileNotFoundError:
-        pass
+    stop_hub(site)
 
 
 def main() -> int:

@@ -11,8 +11,10 @@ result cache cleared, no hub running, a fresh site runtime with free ports):
 
 - plain: those steps called directly: ``venv_tag``/``find_environment``,
   ``discover_labs``/``stage_lab``, ``run_lab.fn`` in a ThreadPoolExecutor(2),
-  the planning functions + ``apply_hub.fn``, ``health_check.fn``, ``stop_hub``;
-- flow: ``flows.release.release(site=...)``, then ``stop_hub``.
+  ``hub_spec`` + ``LocalPlatform.plan_hub``, then the steps of
+  ``LocalPlatform.apply_hub`` with ``tasks.local_hub.apply_hub.fn``,
+  ``health_check.fn``, ``tasks.local_hub.stop_hub``;
+- flow: ``flows.release.release(site=...)``, then ``tasks.local_hub.stop_hub``.
 
 The two alternate, 3 rounds each after one untimed warm-up of each; the median
 of each is compared. Goal: flow / plain <= 1.2x. Results go to bench/results/release.json.
@@ -45,10 +47,12 @@ def plain_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[
     """The release steps without Prefect flows; returns the hub's pid (the caller stops it)."""
     from core.config import load_site
     from core.files import content_hash
-    from core.planning import hub_config_hash, hub_settings, hub_template, lab_cache_key, plan_hub, plan_labs
+    from core.planning import hub_spec, lab_cache_key, plan_labs
     from core.secrets import SecretStore
-    from core.state import load_state, update_state
-    from tasks.jupyterhub import apply_hub, health_check, is_running, proxy_command
+    from core.state import update_state
+    from targets.local import LocalPlatform
+    from tasks.hub_api import health_check
+    from tasks.local_hub import apply_hub, config_hash, hub_template, proxy_command, render_settings
     from tasks.notebooks import cached_result, discover_labs, run_lab, stage_lab, store_result
     from tasks.python_env import find_environment, venv_tag
 
@@ -95,29 +99,43 @@ def plain_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[
         labs_seconds[result.lab] = round(result.seconds, 2)
     phase("labs")
 
-    # deploy-hub, as flows/deploy_hub.py does it (without its health check).
-    state = load_state(site)
+    # deploy-hub, as flows/deploy_hub.py does it (without its health check): the hub spec,
+    # the local platform's plan, then what LocalPlatform.apply_hub does, with the task's .fn.
+    platform = LocalPlatform(site)
+    spec = hub_spec(site, image, labs)
+    plan = platform.plan_hub(spec)
     SecretStore(paths.secrets).load_or_create()
     for lab in labs:
         stage_lab(lab, paths.labs)
-    hub = hub_settings(site, image, proxy_command=proxy_command(), run_as_root=os.geteuid() == 0)
+    hub = render_settings(site, spec, proxy_command=proxy_command(), run_as_root=os.geteuid() == 0)
     template = hub_template()
-    config_hash = hub_config_hash(hub, template, content_hash((l.name, l.content_hash.encode()) for l in labs))
-    action = plan_hub(config_hash, state.hub, is_running(state.hub))
-    deployment = apply_hub.fn(site, image, hub, template, config_hash, action, state.hub)
+    if config_hash(hub, template, content_hash((l.name, l.content_hash.encode()) for l in labs)) != plan.config_hash:
+        raise RuntimeError("the hub's configuration changed between its plan and its apply")
+    deployment = apply_hub.fn(site, spec, plan, hub, template)
     update_state(site, hub=deployment)
     phase("deploy")
 
     # The health check on the live hub, recorded like check_hub does.
-    report = health_check.fn(site, settings.health_check_lab)
+    report = health_check.fn(platform.hub_access(), settings.health_check_lab, float(site.config.hub.start_timeout_seconds))
     update_state(site, health=report)
     if not report.ok:
         raise RuntimeError(f"health check failed: {report.checks}")
     phase("health")
-    return deployment.pid
+    return hub_pid(site)
+
+
+def hub_pid(site) -> int:
+    """The pid of the site's running hub (the local target's own process record)."""
+    from tasks.local_hub import running_process
+
+    running = running_process(site)
+    if running is None:
+        raise RuntimeError(f"site {site.name}: no hub process is running after the deploy")
+    return running.pid
 
 
 def flow_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[str, float]) -> int:
+    from core.config import load_site
     from flows.release import release
 
     started = time.perf_counter()
@@ -126,14 +144,13 @@ def flow_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[s
     labs_seconds.update({r.lab: round(r.seconds, 2) for r in result.labs.results})
     if not (result.labs.passed and result.health.ok and not any(r.cached for r in result.labs.results)):
         raise RuntimeError("release did not run every lab or its health check failed")
-    return result.hub.pid
+    return hub_pid(load_site(str(site_path)))
 
 
 def measure(kind: str, n: int) -> dict:
     """One run from equal conditions; the hub is stopped in every case, by pid."""
-    from tasks.jupyterhub import stop_hub as stop_hub_process
     from core.config import load_site
-    from core.state import load_state
+    from tasks.local_hub import stop_hub as stop_hub_process
 
     site_path = benchlib.write_site(f"bench-rel-{kind}-{n}")
     clear_lab_cache()
@@ -145,8 +162,7 @@ def measure(kind: str, n: int) -> dict:
     try:
         pid = (plain_release if kind == "plain" else flow_release)(site_path, phases, labs_seconds)
         stop_started = time.perf_counter()
-        hub = load_state(load_site(str(site_path))).hub
-        if hub is None or hub.pid != pid or not stop_hub_process(hub):
+        if stop_hub_process(load_site(str(site_path))) != pid:
             raise RuntimeError(f"{kind}: the hub (pid {pid}) was not running when it was to be stopped")
         phases["stop"] = time.perf_counter() - stop_started
         total = time.perf_counter() - started

@@ -205,20 +205,21 @@ def pids_under(folder: Path) -> list[int]:
 def stop_site_hub(site_path: Path, known_pid: int | None = None) -> list[int]:
     """Stop every hub of a bench site, by pid, whatever state the run left behind.
 
-    Looks at the pid a step returned, the pid in the site's state file, the
-    hub's and proxy's own pid files, and finally any process started from
-    this site's runtime folder. Returns the pids that were stopped.
+    Looks at the pid a step returned, the pid in the local target's record of
+    the hub process (``tasks.local_hub.running_process``), the hub's and
+    proxy's own pid files, and finally any process started from this site's
+    runtime folder. Returns the pids that were stopped.
     """
     from core.config import load_site
     from core.runner import pid_alive, stop_process
-    from core.state import load_state
+    from tasks.local_hub import running_process
 
     site = load_site(str(site_path))
     candidates: list[int] = []
     if known_pid:
         candidates.append(known_pid)
     try:
-        hub = load_state(site).hub
+        hub = running_process(site)
         if hub is not None:
             candidates.append(hub.pid)
     except (OSError, ValueError):

@@ -155,18 +155,72 @@ class NodePool(_Section):
         return self
 
 
+def _loopback_url(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class GoogleApis(_Section):
+    """Where the Google APIs are: Google's own by default. Other endpoints serve
+    Private Service Connect, or emulators on loopback (tests)."""
+
+    container: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    storage: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    compute: Annotated[str, Field(pattern=r"^https?://")] | None = None
+    # No credentials at all: only for endpoints on this machine's loopback.
+    anonymous: bool = False
+
+    @model_validator(mode="after")
+    def _anonymous_only_on_loopback(self) -> GoogleApis:
+        if self.anonymous:
+            urls = [u for u in (self.container, self.storage, self.compute) if u]
+            if not urls or not all(_loopback_url(u) for u in urls):
+                raise ValueError("anonymous: only for API endpoints on loopback (emulators, tests)")
+        return self
+
+
 class GkeSettings(_Section):
     project: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")]
-    region: str
-    zone: str | None = None
+    region: Annotated[str, Field(pattern=r"^[a-z]+-[a-z]+[0-9]+$")]
+    # A zonal cluster (the default, cheaper) in this zone; none: a regional cluster.
+    zone: Annotated[str, Field(pattern=r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")] | None = None
     cluster_name: Slug = "olab"
     namespace: Slug = "olab"
+    release_channel: Literal["RAPID", "REGULAR", "STABLE"] = "REGULAR"
     core_pool: NodePool = NodePool(min_nodes=1, max_nodes=1)
     user_pool: NodePool = NodePool()
     domains: list[str] = Field(min_length=1)
+    # Where user images are pushed: the Artifact Registry repository terraform makes.
     registry: str
-    terraform_state_bucket: str
+    registry_repository: Slug = "olab"
+    terraform_state_bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")]
+    # Where in the bucket this site's state lives (default olab/<site name>).
+    terraform_state_prefix: str | None = None
+    # terraform or tofu (OpenTofu): either runs the same modules.
+    terraform: Literal["terraform", "tofu"] = "terraform"
+    terraform_module: Path = Path("terraform/gke")
+    # A plan that destroys or replaces anything waits this long for an operator's approval.
+    approval_timeout_seconds: Annotated[int, Field(ge=10, le=7 * 86400)] = 3600
+    # How long provision-cluster waits for the cluster and its pools, polling GKE's API.
+    cluster_ready_timeout_seconds: Annotated[int, Field(ge=10, le=7200)] = 1800
+    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 10
+    apis: GoogleApis = GoogleApis()
     chart_version: str = "4.4.0"
+
+    @property
+    def location(self) -> str:
+        return self.zone or self.region
+
+    @model_validator(mode="after")
+    def _zone_in_region(self) -> GkeSettings:
+        if self.zone and not self.zone.startswith(self.region + "-"):
+            raise ValueError(f"zone {self.zone} is not in region {self.region}")
+        return self
 
 
 class VaultSettings(_Section):

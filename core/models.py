@@ -107,6 +107,8 @@ class ProvisionReport(_Result):
     site: str
     target: str
     checks: list[Check]
+    outputs: dict[str, str] = {}  # what the next flows use: endpoint, static IP, registry (no secrets)
+    kubeconfig: str | None = None  # a 0600 file, for the gke target
 
     @property
     def ok(self) -> bool:
@@ -240,7 +242,7 @@ class DataFacts(_Result):
 
 StepVerb = Literal[
     "build", "reuse", "run", "skip", "start", "restart", "leave", "stop", "archive", "delete", "restore",
-    "prepare", "check", "refuse", "prune", "finish",
+    "prepare", "check", "refuse", "prune", "finish", "create", "update", "replace",
 ]
 
 
@@ -265,3 +267,14 @@ class FlowPlan(_Result):
         return "\n".join(
             [f"# {self.flow}: {self.site} (dry run: nothing was changed)", "", "| would | what | detail |", "|---|---|---|", *rows]
         )
+
+
+class InfraPlan(_Result):
+    """What provisioning would change on a target, computed before anything changes.
+    ``destructive``: it destroys or replaces something, so it waits for an approval."""
+
+    target: str
+    summary: str
+    steps: list[PlannedStep]
+    changes: bool = True
+    destructive: bool = False

@@ -19,6 +19,7 @@ from core.models import (
     HubSpec,
     HubState,
     ImageRef,
+    InfraPlan,
     ProvisionReport,
     RestorePointSummary,
     UserRestore,
@@ -33,9 +34,15 @@ class TargetNotReady(RuntimeError):
 class Platform(Protocol):
     site: Site
 
+    def not_ready(self, flow: str) -> str | None:
+        """Why this target cannot run ``flow`` yet (one line), or None when it can."""
+
     # What the hub runs on.
-    def provision(self, *, dry_run: bool = False) -> ProvisionReport:
-        """Create (or, with dry_run, check without creating) what the hub runs on."""
+    def plan_provision(self) -> InfraPlan:
+        """What provisioning would create, change or destroy; changes nothing."""
+
+    def provision(self, plan: InfraPlan) -> ProvisionReport:
+        """Carry out ``plan`` (exactly it), then check that what the hub runs on is ready."""
 
     def ensure_registry(self) -> None:
         """Make the site's image registry ready to take a push (start it, log in)."""

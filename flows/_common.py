@@ -7,14 +7,17 @@ from prefect.logging import get_run_logger
 
 from core.config import Site, load_site
 from core.models import FlowPlan, HealthReport, PlannedStep
-from core.platform import Platform
+from core.platform import Platform, TargetNotReady
 from targets import platform_for
 
 
-def open_site(ref: str) -> tuple[Site, Platform]:
-    """The validated site and the platform of its target (which may refuse in one line)."""
+def open_site(ref: str, flow: str) -> tuple[Site, Platform]:
+    """The validated site and the platform of its target, which refuses in one line a
+    flow it cannot run yet."""
     site = load_site(ref)
     platform = platform_for(site)
+    if reason := platform.not_ready(flow):
+        raise TargetNotReady(reason)
     get_run_logger().info("site %s (%s), from %s", site.name, site.config.target.value, site.source)
     return site, platform
 

@@ -129,7 +129,7 @@ def build_image(site: str = "local", dry_run: bool = False) -> ImageRef | FlowPl
     site: a site name in sites/ (or a site file's path).
     dry_run: only say whether the image would be built or reused; change nothing.
     """
-    the_site, platform = open_site(site)
+    the_site, platform = open_site(site, "build-image")
     with site_guard(the_site):
         if dry_run:
             return publish_plan(the_site, "build-image", plan_image(the_site).steps)

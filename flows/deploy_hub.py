@@ -42,7 +42,7 @@ def deploy_hub(
     check: health-check the hub afterwards (a test user spawns a server and renders a lab).
     dry_run: only say whether the hub would be started, restarted or left alone; change nothing.
     """
-    the_site, platform = open_site(site)
+    the_site, platform = open_site(site, "deploy-hub")
     logger = get_run_logger()
     with site_guard(the_site):
         mark = platform.read_mark()

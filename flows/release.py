@@ -21,7 +21,7 @@ def release(site: str = "local", dry_run: bool = False) -> ReleaseResult | FlowP
     site: a site name in sites/ (or a site file's path).
     dry_run: only say what would be built, tested and deployed; change nothing.
     """
-    the_site, platform = open_site(site)
+    the_site, platform = open_site(site, "release")
     with site_guard(the_site):
         if dry_run:
             built = plan_image(the_site)

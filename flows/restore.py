@@ -51,7 +51,7 @@ def restore(site: str = "local", restore_point: str | None = None, dry_run: bool
     restore_point: the id of the restore point to use (default: the newest complete one).
     dry_run: only say what would be restored and started; change nothing.
     """
-    the_site, platform = open_site(site)
+    the_site, platform = open_site(site, "restore")
     logger = get_run_logger()
     started = time.monotonic()
     with site_guard(the_site):

@@ -17,7 +17,7 @@ def stop_hub(site: str = "local", dry_run: bool = False) -> bool | FlowPlan:
     site: a site name in sites/ (or a site file's path).
     dry_run: only say what would be stopped; change nothing.
     """
-    the_site, platform = open_site(site)
+    the_site, platform = open_site(site, "stop-hub")
     with site_guard(the_site):
         if dry_run:
             state = platform.hub_state()

@@ -51,7 +51,7 @@ def teardown(site: str = "local", dry_run: bool = False) -> TeardownReport | Flo
     site: a site name in sites/ (or a site file's path).
     dry_run: only say what would be stopped, kept and deleted; change nothing.
     """
-    the_site, platform = open_site(site)
+    the_site, platform = open_site(site, "teardown")
     logger = get_run_logger()
     started = time.monotonic()
     with site_guard(the_site):

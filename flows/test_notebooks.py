@@ -61,7 +61,7 @@ def test_notebooks(
     labs: lab names to run (default: every lab in the site's labs folder).
     dry_run: only say which labs would run and which passed before in this image; change nothing.
     """
-    the_site, _ = open_site(site)
+    the_site, _ = open_site(site, "test-notebooks")
     logger = get_run_logger()
     started = time.monotonic()
     with site_guard(the_site):

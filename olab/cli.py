@@ -23,17 +23,24 @@ def _err(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _check_site(ref: str, *, lifecycle: bool = True) -> Site:
-    """The validated site; for a lifecycle command, also one its target can run (else one line, exit 2)."""
+FLOWS = {
+    "up": "release", "build": "build-image", "test": "test-notebooks", "deploy": "deploy-hub",
+    "provision": "provision-cluster", "teardown": "teardown", "restore": "restore", "stop": "stop-hub",
+}
+
+
+def _check_site(ref: str, command: str | None = None) -> Site:
+    """The validated site; for a lifecycle command, also one whose target can run its flow
+    (else one line, exit 2, before Prefect starts)."""
     site = load_site(ref)
-    if lifecycle:
-        from core.platform import TargetNotReady
+    if command in FLOWS:
         from targets import platform_for
 
-        try:
-            platform_for(site)
-        except TargetNotReady as exc:
-            raise ConfigError([f"{site.source}: {exc}"]) from None
+        reason = platform_for(site).not_ready(FLOWS[command])
+        if reason:
+            raise ConfigError([f"{site.source}: {reason}"])
+    elif site.config.target.value != "local" and command == "credentials":
+        raise ConfigError([f"{site.source}: olab {command} is for local sites (this one's target is {site.config.target.value})"])
     return site
 
 
@@ -74,14 +81,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             f"  hub    {r.hub.url} ({r.hub.action}); log in as {', '.join(_site.config.hub.admins)}: `olab credentials`",
         ]
 
-    _site = _check_site(args.site)
+    _site = _check_site(args.site, "up")
     return _run_flow("up", lambda: release(site=args.site, dry_run=args.dry_run), summary)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from flows.build_image import build_image
 
-    _check_site(args.site)
+    _check_site(args.site, "build")
     return _run_flow(
         "build", lambda: build_image(site=args.site, dry_run=args.dry_run), lambda img: [f"image {img.pinned}", f"  at {img.location}"]
     )
@@ -90,7 +97,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_test(args: argparse.Namespace) -> int:
     from flows.test_notebooks import test_notebooks
 
-    _check_site(args.site)
+    _check_site(args.site, "test")
     return _run_flow(
         "test",
         lambda: test_notebooks(site=args.site, labs=args.lab or None, dry_run=args.dry_run),
@@ -101,7 +108,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deploy_hub import deploy_hub
 
-    _check_site(args.site)
+    _check_site(args.site, "deploy")
     return _run_flow(
         "deploy",
         lambda: deploy_hub(site=args.site, check=not args.no_check, dry_run=args.dry_run),
@@ -112,10 +119,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     from flows.provision_cluster import provision_cluster
 
-    _check_site(args.site)
+    _check_site(args.site, "provision")
     return _run_flow(
         "provision",
-        lambda: provision_cluster(site=args.site, dry_run=args.dry_run),
+        lambda: provision_cluster(site=args.site, dry_run=args.dry_run, approve=args.approve),
         lambda report: [f"{'ok' if c.ok else 'NO':3} {c.name}: {c.detail}" for c in report.checks],
     )
 
@@ -123,7 +130,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from flows.stop_hub import stop_hub
 
-    site = _check_site(args.site)
+    site = _check_site(args.site, "stop")
     return _run_flow(
         "stop",
         lambda: stop_hub(site=args.site, dry_run=args.dry_run),
@@ -134,7 +141,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_teardown(args: argparse.Namespace) -> int:
     from flows.teardown import teardown
 
-    site = _check_site(args.site)
+    site = _check_site(args.site, "teardown")
 
     def summary(r) -> list[str]:
         if r.already_torn_down:
@@ -151,7 +158,7 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from flows.restore import restore
 
-    site = _check_site(args.site)
+    site = _check_site(args.site, "restore")
 
     def summary(r) -> list[str]:
         if r.restore_point is None:
@@ -170,7 +177,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from olab.status import site_status
 
     try:
-        site = _check_site(args.site, lifecycle=False)
+        site = _check_site(args.site, "status")
     except ConfigError as exc:
         for line in exc.problems:
             _err(line)
@@ -183,7 +190,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from olab.doctor import diagnose
 
-    site = _check_site(args.site, lifecycle=False)
+    site = _check_site(args.site, "doctor")
     lines, ok = diagnose(site)
     for line in lines:
         print(line)
@@ -193,7 +200,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_credentials(args: argparse.Namespace) -> int:
     from core.secrets import SecretStore
 
-    site = _check_site(args.site)
+    site = _check_site(args.site, "credentials")
     if not site.paths.secrets.exists():
         _err(f"site {site.name} has no secret store yet; run `olab provision` or `olab up`")
         return EXIT_FAILED
@@ -207,7 +214,7 @@ def cmd_credentials(args: argparse.Namespace) -> int:
 def cmd_lock(args: argparse.Namespace) -> int:
     from olab.lock import regenerate_lock
 
-    site = _check_site(args.site)
+    site = _check_site(args.site, "lock")
     path = regenerate_lock(site.image_context)
     print(f"wrote {path}")
     return EXIT_OK
@@ -216,7 +223,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from olab.serve import serve_site
 
-    site = _check_site(args.site)
+    site = _check_site(args.site, "serve")
     return serve_site(site, port=args.port)
 
 
@@ -237,9 +244,6 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 }
 
 
-LIFECYCLE = ("up", "build", "test", "deploy", "provision", "teardown", "restore", "stop")
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--site", default=argparse.SUPPRESS, help="site name in sites/ or path to a site file (default: local)")
@@ -251,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--lab", action="append", help="run only this lab (repeatable)")
         if name == "deploy":
             cmd.add_argument("--no-check", action="store_true", help="skip the health check")
-        if name in LIFECYCLE:
+        if name == "provision":
+            cmd.add_argument("--approve", action="store_true", help="apply a plan that destroys or replaces something without waiting (CI)")
+        if name in FLOWS:
             cmd.add_argument("--dry-run", action="store_true", help="say what would be done, and change nothing")
         if name == "restore":
             cmd.add_argument("--restore-point", help="restore this one (default: the newest complete one)")

@@ -50,6 +50,9 @@ def site_status(site: Site, runs: bool = True) -> list[str]:
     except TargetNotReady as exc:
         out.append(f"  target   {exc}")
         return out + (_runs(site) if runs else [])
+    if reason := platform.not_ready("deploy-hub"):
+        out.append(f"  target   {reason}")
+        return out + (_runs(site) if runs else [])
     state = load_state(site)
     mark = platform.read_mark()
     if state.image:

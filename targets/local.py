@@ -19,6 +19,8 @@ from core.models import (
     HubSpec,
     HubState,
     ImageRef,
+    InfraPlan,
+    PlannedStep,
     ProvisionReport,
     RestorePointSummary,
     UserRestore,
@@ -39,9 +41,18 @@ class LocalPlatform:
         self.site = site
         self._manifests: dict[str, Manifest] = {}
 
+    def not_ready(self, flow: str) -> str | None:
+        return None
+
     # What the hub runs on: this machine.
-    def provision(self, *, dry_run: bool = False) -> ProvisionReport:
-        checks = host.prepare_local_host(self.site, dry_run=dry_run)
+    def plan_provision(self) -> InfraPlan:
+        checks = host.prepare_local_host(self.site, dry_run=True)
+        steps = [PlannedStep(verb="prepare" if c.planned else "check", subject=c.name, detail=c.detail) for c in checks]
+        planned = sum(c.planned for c in checks)
+        return InfraPlan(target="local", summary=f"{planned} to create on this machine", steps=steps, changes=planned > 0)
+
+    def provision(self, plan: InfraPlan) -> ProvisionReport:
+        checks = host.prepare_local_host(self.site)
         return ProvisionReport(site=self.site.name, target=self.site.config.target.value, checks=checks)
 
     def ensure_registry(self) -> None:

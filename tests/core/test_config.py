@@ -52,7 +52,7 @@ def test_shipped_sites_are_valid():
         ("hub: [1, 2\n", ["YAML syntax error"]),
         ("- just\n- a list\n", ["must be a mapping of fields"]),
         (
-            "target: gke\ngke:\n  project: X\n  region: europe-west2\n  domains: []\n  registry: r\n  terraform_state_bucket: b\n",
+            "target: gke\ngke:\n  project: X\n  region: europe-west2\n  domains: []\n  registry: r\n  terraform_state_bucket: bucket\n",
             ["gke.project:", "gke.domains: List should have at least 1 item"],
         ),
     ],

@@ -21,6 +21,8 @@ from core.models import (
     HubSpec,
     HubState,
     ImageRef,
+    InfraPlan,
+    PlannedStep,
     ProvisionReport,
     RestorePointSummary,
     UserRestore,
@@ -55,8 +57,15 @@ class RecordingPlatform:
     def _call(self, name: str) -> None:
         self.calls.append(name)
 
-    def provision(self, *, dry_run: bool = False) -> ProvisionReport:
-        self._call("provision")
+    def not_ready(self, flow: str) -> str | None:
+        return None
+
+    def plan_provision(self) -> InfraPlan:
+        self._call("plan_provision")
+        return InfraPlan(target="recorded", summary="1 to create", steps=[PlannedStep(verb="create", subject="recorded")])
+
+    def provision(self, plan: InfraPlan) -> ProvisionReport:
+        self._call(f"provision:{plan.summary}")
         return ProvisionReport(site=self.site.name, target="recorded", checks=[Check(name="recorded", ok=True)])
 
     def ensure_registry(self) -> None:
@@ -162,7 +171,7 @@ def test_the_lifecycle_runs_through_the_seam_alone(recorded):
     site = load_site(str(path))
 
     assert provision_cluster(site=str(path)).ok
-    assert take(platform) == ["provision"]
+    assert take(platform) == ["plan_provision", "provision:1 to create"]
 
     result = release(site=str(path))
     assert result.health.ok and result.hub.action == "start"
