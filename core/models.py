@@ -278,3 +278,22 @@ class InfraPlan(_Result):
     steps: list[PlannedStep]
     changes: bool = True
     destructive: bool = False
+
+
+class RegistryLogin(_Result):
+    """Credentials for an image registry (Artifact Registry: oauth2accesstoken and a short-lived token)."""
+
+    username: str
+    password: SecretStr
+
+
+class RegistryAccess(_Result):
+    """Where a site's images go, and how olab logs in there."""
+
+    address: str  # host[:port][/path]
+    insecure: bool = False  # plain HTTP: only a registry on loopback
+    login: RegistryLogin | None = None
+
+    @property
+    def host(self) -> str:
+        return self.address.split("/")[0]

@@ -21,6 +21,7 @@ from core.models import (
     ImageRef,
     InfraPlan,
     ProvisionReport,
+    RegistryAccess,
     RestorePointSummary,
     UserRestore,
 )
@@ -44,8 +45,9 @@ class Platform(Protocol):
     def provision(self, plan: InfraPlan) -> ProvisionReport:
         """Carry out ``plan`` (exactly it), then check that what the hub runs on is ready."""
 
-    def ensure_registry(self) -> None:
-        """Make the site's image registry ready to take a push (start it, log in)."""
+    def image_registry(self, *, prepare: bool = True) -> RegistryAccess:
+        """Where the site's images go and how to log in there; with prepare, the registry
+        is made ready to take a push (a local one started)."""
 
     # The hub.
     def plan_hub(self, spec: HubSpec) -> HubPlan:

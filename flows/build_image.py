@@ -15,7 +15,7 @@ from prefect.logging import get_run_logger
 
 from core.config import Site
 from core.guard import site_guard
-from core.models import BuildResult, FlowPlan, ImageRef, PlannedStep
+from core.models import BuildResult, FlowPlan, ImageRef, PlannedStep, RegistryAccess
 from core.planning import image_tag, plan_build
 from core.platform import Platform
 from core.state import update_state
@@ -26,7 +26,6 @@ from tasks.oci import (
     debootstrap_ref,
     engine_for,
     ensure_debootstrap_base,
-    insecure_registries,
     resolve_builder,
 )
 from tasks.python_env import build_environment, find_environment, read_context, venv_tag
@@ -50,12 +49,12 @@ def _plan_venv(site: Site) -> ImagePlan:
     return ImagePlan(existing if not plan.build else None, [PlannedStep(verb=verb, subject=f"venv {settings.name}:{tag[:16]}", detail=plan.reason)])
 
 
-def _oci_inputs(site: Site, builder: str, *, dry_run: bool):
+def _oci_inputs(site: Site, builder: str, access: RegistryAccess, *, dry_run: bool):
     """(engine, base, content tag (None while the base is missing), steps so far). Only a real run
     makes a missing base image; a dry run says it would."""
     settings = site.config.image
     context = site.image_context
-    engine = engine_for(builder, site.paths.containers, insecure_registries(site))
+    engine = engine_for(builder, site.paths.containers, [access.host] if access.insecure else [])
     files = read_context(context)
     base = settings.base_image or containerfile_base(context)
     if base is None:
@@ -75,26 +74,35 @@ def _oci_inputs(site: Site, builder: str, *, dry_run: bool):
     return engine, base, tag, steps
 
 
-def _plan_oci(site: Site, builder: str) -> ImagePlan:
+def _registry(access: RegistryAccess) -> Registry:
+    return Registry(access.address, insecure=access.insecure, login=access.login)
+
+
+def _image(site: Site, builder: str, access: RegistryAccess, tag: str, digest: str) -> ImageRef:
+    repository = _registry(access).repository(site.config.image.name)
+    return ImageRef(name=site.config.image.name, tag=tag, digest=digest, builder=builder, location=f"{repository}:{tag}", repository=repository)
+
+
+def _plan_oci(site: Site, platform: Platform, builder: str) -> ImagePlan:
     settings = site.config.image
-    _, base, tag, steps = _oci_inputs(site, builder, dry_run=True)
-    registry = Registry(settings.registry, insecure=settings.local_registry)
+    access = platform.image_registry(prepare=False)
+    _, base, tag, steps = _oci_inputs(site, builder, access, dry_run=True)
+    registry = _registry(access)
     target = f"{registry.repository(settings.name)}:{tag or '<new content tag>'}"
     existing = registry.manifest_digest(settings.name, tag) if tag and registry.answers() else None
     if existing:
-        repository = registry.repository(settings.name)
-        image = ImageRef(name=settings.name, tag=tag, digest=existing, builder=builder, location=f"{repository}:{tag}", repository=repository)
-        return ImagePlan(image, [PlannedStep(verb="reuse", subject=image.pinned, detail=f"{settings.registry} already has it")])
+        image = _image(site, builder, access, tag, existing)
+        return ImagePlan(image, [PlannedStep(verb="reuse", subject=image.pinned, detail=f"{access.address} already has it")])
     if not registry.answers():
-        steps.append(PlannedStep(verb="start", subject=f"registry {settings.registry}", detail="it does not answer"))
+        steps.append(PlannedStep(verb="start", subject=f"registry {access.address}", detail="it does not answer"))
     steps.append(PlannedStep(verb="build", subject=target, detail=f"with {builder} on {base}, then push and pin by digest"))
     return ImagePlan(None, steps)
 
 
-def plan_image(site: Site) -> ImagePlan:
+def plan_image(site: Site, platform: Platform) -> ImagePlan:
     """What build-image would do, changing nothing."""
     builder = resolve_builder(site.config.image.builder)
-    return _plan_venv(site) if builder == "venv" else _plan_oci(site, builder)
+    return _plan_venv(site) if builder == "venv" else _plan_oci(site, platform, builder)
 
 
 def _build_venv(site: Site) -> BuildResult:
@@ -108,18 +116,15 @@ def _build_venv(site: Site) -> BuildResult:
 def _build_oci(site: Site, platform: Platform, builder: str) -> BuildResult:
     logger = get_run_logger()
     settings = site.config.image
-    platform.ensure_registry()
-    registry = Registry(settings.registry, insecure=settings.local_registry)
-    engine, base, tag, _ = _oci_inputs(site, builder, dry_run=False)
-    repository = registry.repository(settings.name)
+    access = platform.image_registry()
+    registry = _registry(access)
+    engine, base, tag, _ = _oci_inputs(site, builder, access, dry_run=False)
     existing = registry.manifest_digest(settings.name, tag)
     if existing:
-        logger.info("registry %s already has %s:%s; nothing to build", settings.registry, settings.name, tag)
-        digest, built, seconds = existing, False, 0.0
-    else:
-        (digest, seconds), built = build_and_push(engine, site.image_context, repository, tag, base), True
-    image = ImageRef(name=settings.name, tag=tag, digest=digest, builder=builder, location=f"{repository}:{tag}", repository=repository)
-    return BuildResult(image=image, built=built, seconds=seconds)
+        logger.info("registry %s already has %s:%s; nothing to build", access.address, settings.name, tag)
+        return BuildResult(image=_image(site, builder, access, tag, existing), built=False, seconds=0.0)
+    digest, seconds = build_and_push(engine, site.image_context, registry.repository(settings.name), tag, base, access.login)
+    return BuildResult(image=_image(site, builder, access, tag, digest), built=True, seconds=seconds)
 
 
 @flow(name="build-image")
@@ -132,7 +137,7 @@ def build_image(site: str = "local", dry_run: bool = False) -> ImageRef | FlowPl
     the_site, platform = open_site(site, "build-image")
     with site_guard(the_site):
         if dry_run:
-            return publish_plan(the_site, "build-image", plan_image(the_site).steps)
+            return publish_plan(the_site, "build-image", plan_image(the_site, platform).steps)
         builder = resolve_builder(the_site.config.image.builder)
         get_run_logger().info("builder: %s", builder)
         result = _build_venv(the_site) if builder == "venv" else _build_oci(the_site, platform, builder)

@@ -24,7 +24,7 @@ def release(site: str = "local", dry_run: bool = False) -> ReleaseResult | FlowP
     the_site, platform = open_site(site, "release")
     with site_guard(the_site):
         if dry_run:
-            built = plan_image(the_site)
+            built = plan_image(the_site, platform)
             sources, _, labs = plan_lab_run(the_site, built.existing, None)
             steps = built.steps + lab_steps(built.existing, sources, labs.reused)
             if built.existing is None:

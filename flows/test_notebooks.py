@@ -17,7 +17,7 @@ from core.models import FlowPlan, ImageRef, LabReport, LabResult, LabSource, Pla
 from core.planning import lab_cache_key, plan_labs
 from flows._common import artifact_key, open_site, publish_plan
 from flows.build_image import build_image, plan_image
-from tasks.oci import engine_for, insecure_registries
+from tasks.oci import engine_for
 from tasks.notebooks import cached_result, discover_labs, run_lab, stage_lab, store_result
 
 
@@ -61,14 +61,14 @@ def test_notebooks(
     labs: lab names to run (default: every lab in the site's labs folder).
     dry_run: only say which labs would run and which passed before in this image; change nothing.
     """
-    the_site, _ = open_site(site, "test-notebooks")
+    the_site, platform = open_site(site, "test-notebooks")
     logger = get_run_logger()
     started = time.monotonic()
     with site_guard(the_site):
         if dry_run:
             steps: list[PlannedStep] = []
             if image is None:
-                built = plan_image(the_site)
+                built = plan_image(the_site, platform)
                 steps, image = built.steps, built.existing
             sources, _, plan = plan_lab_run(the_site, image, labs)
             return publish_plan(the_site, "test-notebooks", steps + lab_steps(image, sources, plan.reused))
@@ -85,8 +85,9 @@ def test_notebooks(
             logger.info("running %d labs, %d at a time, in %s", len(plan.to_run), workers, image.pinned)
             engine = None
             if image.is_oci:
-                engine = engine_for(image.builder, the_site.paths.containers, insecure_registries(the_site))
-                engine.ensure_local(image.pinned)
+                access = platform.image_registry(prepare=False)
+                engine = engine_for(image.builder, the_site.paths.containers, [access.host] if access.insecure else [])
+                engine.ensure_local(image.pinned, access.login)
             with tempfile.TemporaryDirectory(prefix="olab-labs-") as staging:
                 # Read-only for the image's non-root user too.
                 os.chmod(staging, 0o755)

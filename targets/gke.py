@@ -1,7 +1,8 @@
 """The gke target: Google Kubernetes Engine, provisioned by Terraform.
 
 Built so far: provision-cluster (terraform plan -> approval when destructive ->
-apply -> the cluster and its pools ready through GKE's API -> a kubeconfig).
+apply -> the cluster and its pools ready through GKE's API -> a kubeconfig), and
+build-image / test-notebooks with the image in the site's Artifact Registry.
 Every other lifecycle step refuses with one line until deploy-hub and the
 weekend shutdown on GKE fill it in.
 """
@@ -9,11 +10,11 @@ weekend shutdown on GKE fill it in.
 from __future__ import annotations
 
 from core.config import GkeSettings, Site
-from core.models import Check, InfraPlan, PlannedStep, ProvisionReport
+from core.models import Check, InfraPlan, PlannedStep, ProvisionReport, RegistryAccess, RegistryLogin
 from core.platform import TargetNotReady
 from tasks.terraform import PlanSummary, Terraform
 
-READY = frozenset({"provision-cluster"})
+READY = frozenset({"provision-cluster", "build-image", "test-notebooks"})
 VERBS = {"add": "create", "change": "update", "replace": "replace", "destroy": "delete"}
 # The outputs later flows use; none of them is a secret.
 PUBLIC_OUTPUTS = ("cluster_name", "location", "endpoint", "static_ip", "static_ip_name", "registry", "core_pool", "user_pool")
@@ -133,9 +134,20 @@ class GkePlatform:
         kubeconfig = write_kubeconfig(self.site.paths.runtime / "kubeconfig", info, token, namespace=self.gke.namespace)
         return ProvisionReport(site=self.site.name, target="gke", checks=checks, outputs=public, kubeconfig=str(kubeconfig))
 
+    def image_registry(self, *, prepare: bool = True) -> RegistryAccess:
+        """The site's Artifact Registry repository, logged in with a short-lived token
+        of the site's Google credentials (as `gcloud auth configure-docker` would)."""
+        from tasks.gke import access_token
+
+        token = access_token(self.gke.apis)
+        host = self.gke.registry.split("/")[0]
+        return RegistryAccess(
+            address=self.gke.registry,
+            insecure=host.split(":")[0] in ("127.0.0.1", "localhost"),
+            login=RegistryLogin(username="oauth2accesstoken", password=token) if token else None,
+        )
+
     # Not built yet on GKE: deploy-hub and the weekend shutdown.
-    def ensure_registry(self) -> None:
-        self._refuse("build-image")
 
     def plan_hub(self, spec):
         self._refuse("deploy-hub")

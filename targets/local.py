@@ -22,6 +22,7 @@ from core.models import (
     InfraPlan,
     PlannedStep,
     ProvisionReport,
+    RegistryAccess,
     RestorePointSummary,
     UserRestore,
 )
@@ -55,10 +56,11 @@ class LocalPlatform:
         checks = host.prepare_local_host(self.site)
         return ProvisionReport(site=self.site.name, target=self.site.config.target.value, checks=checks)
 
-    def ensure_registry(self) -> None:
+    def image_registry(self, *, prepare: bool = True) -> RegistryAccess:
         image = self.site.config.image
-        if image.local_registry:
+        if prepare and image.local_registry:
             ensure_local_registry(self.site.paths.containers, image.registry)
+        return RegistryAccess(address=image.registry, insecure=image.local_registry)
 
     # The hub.
     def _render(self, spec: HubSpec) -> tuple[dict, str, str]:

@@ -7,11 +7,15 @@ podman runs, and podman's Docker-compatible API (for DockerSpawner) sees it.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 
 from core.files import atomic_write
 from core.logs import task_logger
+from core.models import RegistryLogin
 from core.retry import retry_options
 from core.runner import CommandError, ToolMissing, pid_alive, read_pid_file, run, start_server, stop_pid_file
 
@@ -145,25 +150,46 @@ class Engine:
         argv += ["-t", ref, "-f", str(context / "Containerfile"), str(context)]
         run(argv, env=self.env, on_line=on_line, timeout=3600)
 
-    def push(self, ref: str, digest_file: Path) -> str:
-        if self.builder == "docker":
-            out = self.run(["docker", "push", ref])
-            for line in reversed(out.splitlines()):
-                if "digest: sha256:" in line:
-                    return "sha256:" + line.split("digest: sha256:")[1].split()[0]
-            raise CommandError(["docker", "push"], 0, "no digest in docker push output")
-        tool = "buildah" if self.builder == "buildah" else "podman"
-        self.run([tool, "push", "--digestfile", str(digest_file), ref, f"docker://{ref}"], timeout=1800)
+    @contextmanager
+    def _logged_in(self, ref: str, login: RegistryLogin | None) -> Iterator[list[str]]:
+        """Options that log a push or pull in: an auth file, 0600 in a private folder that
+        lives as long as the command (credentials never go on a command line)."""
+        if login is None:
+            yield []
+            return
+        host = ref.split("/")[0]
+        auth = base64.b64encode(f"{login.username}:{login.password.get_secret_value()}".encode()).decode()
+        with tempfile.TemporaryDirectory(prefix="olab-auth-") as folder:
+            path = Path(folder) / ("config.json" if self.builder == "docker" else "auth.json")
+            atomic_write(path, json.dumps({"auths": {host: {"auth": auth}}}), mode=0o600)
+            yield ["--config", folder] if self.builder == "docker" else ["--authfile", str(path)]
+
+    def push(self, ref: str, digest_file: Path, login: RegistryLogin | None = None) -> str:
+        secrets = [login.password.get_secret_value()] if login else []
+        with self._logged_in(ref, login) as auth:
+            if self.builder == "docker":
+                out = run(["docker", *auth, "push", ref], env=self.env, secrets=secrets).output
+                for line in reversed(out.splitlines()):
+                    if "digest: sha256:" in line:
+                        return "sha256:" + line.split("digest: sha256:")[1].split()[0]
+                raise CommandError(["docker", "push"], 0, "no digest in docker push output")
+            tool = "buildah" if self.builder == "buildah" else "podman"
+            run([tool, "push", *auth, "--digestfile", str(digest_file), ref, f"docker://{ref}"], env=self.env,
+                secrets=secrets, timeout=1800)
         return digest_file.read_text().strip()
 
-    def pull(self, ref: str) -> None:
-        self.run([self.runtime, "pull", "--quiet", ref], timeout=1800)
+    def pull(self, ref: str, login: RegistryLogin | None = None) -> None:
+        with self._logged_in(ref, login) as auth:
+            if self.builder == "docker":
+                run(["docker", *auth, "pull", "--quiet", ref], env=self.env, timeout=1800)
+            else:
+                run([self.runtime, "pull", *auth, "--quiet", ref], env=self.env, timeout=1800)
 
-    def ensure_local(self, ref: str) -> str:
+    def ensure_local(self, ref: str, login: RegistryLogin | None = None) -> str:
         """The image's id, pulling it first if this machine does not have it."""
         found = self.image_id(ref)
         if found is None:
-            self.pull(ref)
+            self.pull(ref, login)
             found = self.image_id(ref)
         return found
 
@@ -206,9 +232,10 @@ class Engine:
 
 
 def insecure_registries(site) -> list[str]:
-    """The site's registry, when it is olab's own on loopback (plain HTTP)."""
-    image = site.config.image
-    return [image.registry.split("/")[0]] if image.local_registry else []
+    """The site's registry, when it is on loopback (olab's own, or a test's): plain HTTP."""
+    address = site.config.gke.registry if site.config.gke is not None else site.config.image.registry
+    host = address.split("/")[0]
+    return [host] if host.split(":")[0] in ("127.0.0.1", "localhost") else []
 
 
 def stop_api_socket(store: Path) -> bool:
@@ -257,7 +284,9 @@ def containerfile_base(context: Path) -> str | None:
 
 
 @task(name="build-oci-image", cache_policy=NO_CACHE, **retry_options(retries=1))
-def build_and_push(engine: Engine, context: Path, repository: str, tag: str, base_image: str) -> tuple[str, float]:
+def build_and_push(
+    engine: Engine, context: Path, repository: str, tag: str, base_image: str, login: RegistryLogin | None = None
+) -> tuple[str, float]:
     """Build ``repository:tag`` from the context and push it; returns (digest, seconds)."""
     logger = task_logger()
     started = time.monotonic()
@@ -265,6 +294,6 @@ def build_and_push(engine: Engine, context: Path, repository: str, tag: str, bas
     logger.info("building %s with %s on %s", ref, engine.builder, base_image)
     engine.build(context, ref, {"BASE_IMAGE": base_image}, on_line=logger.info)
     with tempfile.TemporaryDirectory() as tmp:
-        digest = engine.push(ref, Path(tmp) / "digest")
+        digest = engine.push(ref, Path(tmp) / "digest", login)
     logger.info("pushed %s@%s", repository, digest)
     return digest, time.monotonic() - started

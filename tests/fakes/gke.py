@@ -648,3 +648,15 @@ class FakeGke:
             if work is not None:
                 work.tick()
 
+
+def service_account_key(path, token_uri: str, project: str = "olab-test") -> None:
+    """A service-account key (as google.auth.default reads one) whose tokens come from ``token_uri``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    path.write_text(json.dumps({
+        "type": "service_account", "project_id": project, "private_key_id": "k1", "private_key": pem.decode(),
+        "client_email": f"olab@{project}.iam.gserviceaccount.com", "client_id": "1", "token_uri": token_uri,
+    }))

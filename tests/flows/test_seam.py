@@ -24,6 +24,7 @@ from core.models import (
     InfraPlan,
     PlannedStep,
     ProvisionReport,
+    RegistryAccess,
     RestorePointSummary,
     UserRestore,
 )
@@ -68,8 +69,9 @@ class RecordingPlatform:
         self._call(f"provision:{plan.summary}")
         return ProvisionReport(site=self.site.name, target="recorded", checks=[Check(name="recorded", ok=True)])
 
-    def ensure_registry(self) -> None:
-        self._call("ensure_registry")
+    def image_registry(self, *, prepare: bool = True) -> RegistryAccess:
+        self._call("image_registry")
+        return RegistryAccess(address="127.0.0.1:1/recorded", insecure=True)
 
     def plan_hub(self, spec: HubSpec) -> HubPlan:
         self._call("plan_hub")

@@ -21,7 +21,7 @@ from google.cloud import container_v1
 from core.config import GoogleApis
 from core.retry import is_transient
 from tasks import gke
-from tests.fakes.gke import FakeGke, SeedPool, fake_ca_base64, fake_ca_pem
+from tests.fakes.gke import FakeGke, SeedPool, fake_ca_base64, fake_ca_pem, service_account_key
 
 PROJECT, LOCATION = "olab-test", "europe-west2-a"
 TOKEN = "ya29.secret-token-that-must-not-be-logged"
@@ -419,25 +419,13 @@ def test_kubernetes_client_accepts_the_kubeconfig(fake, client, tmp_path):
 # ---- credentials -----------------------------------------------------------------------
 
 
-def service_account_key(path, token_uri: str) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    path.write_text(json.dumps({
-        "type": "service_account", "project_id": PROJECT, "private_key_id": "k1", "private_key": pem.decode(),
-        "client_email": f"olab@{PROJECT}.iam.gserviceaccount.com", "client_id": "1", "token_uri": token_uri,
-    }))
-
-
 def test_anonymous_apis_give_no_token():
     assert gke.access_token(GoogleApis(container="http://127.0.0.1:1", anonymous=True)) is None
 
 
 def test_default_credentials_give_a_token_and_authorize_the_client(fake, tmp_path, monkeypatch):
     key = tmp_path / "sa.json"
-    service_account_key(key, fake.token_uri)
+    service_account_key(key, fake.token_uri, PROJECT)
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
     apis = GoogleApis(container=fake.url)
     assert gke.access_token(apis) == fake.access_token

@@ -173,3 +173,43 @@ def test_hub_spawns_a_container_of_the_digest(user_image, stop_hubs):
         api.close()
     assert stop_hub(site=str(path))
     assert not pid_alive(pid)
+
+
+def test_a_gke_site_pushes_to_its_artifact_registry_with_a_short_lived_google_token(make_site, tmp_path, monkeypatch):
+    """Artifact Registry's login, as `gcloud auth configure-docker` does it: user oauth2accesstoken,
+    a token of the site's Google credentials. A registry that requires it stands in for AR."""
+    from tasks.registry import RegistryAuthError
+    from tests.fakes.gke import FakeGke, service_account_key
+    from tests.fakes.registry import AuthRegistry
+
+    with FakeGke(project="olab-test-project") as gke, AuthRegistry(tmp_path / "ar", {"oauth2accesstoken": "ya29.fake-access-token"}) as ar:
+        key = tmp_path / "sa.json"
+        service_account_key(key, gke.token_uri, "olab-test-project")
+        monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(key))
+        context = small_context(tmp_path / "ctx", "gke")
+        registry = f"{ar.address}/olab-test-project/olab"
+        path = make_site(
+            "gkeimg", target="gke",
+            image={"builder": "buildah", "base_image": "debootstrap:bookworm", "context": str(context), "name": "olab-user"},
+            gke={"project": "olab-test-project", "region": "europe-west2", "zone": "europe-west2-a", "domains": ["olab.example.org"],
+                 "registry": registry, "terraform_state_bucket": "olab-tfstate", "apis": {"container": gke.url}},
+        )
+        with pytest.raises(RegistryAuthError, match="wants credentials and the site gives none"):
+            Registry(registry).manifest_digest("olab-user", "anything")
+
+        first = build_image(site=str(path))
+        assert first.pinned.startswith(f"{registry}/olab-user@sha256:")
+        assert any(path.endswith("/token") for _, path in gke.requests), "the token came from the site's Google credentials"
+        from core.models import RegistryLogin
+
+        login = RegistryLogin(username="oauth2accesstoken", password="ya29.fake-access-token")
+        assert Registry(registry, login=login).manifest_digest("olab-user", first.tag) == first.digest
+        with pytest.raises(RegistryAuthError, match="refused the site's credentials"):
+            Registry(registry, login=RegistryLogin(username="oauth2accesstoken", password="stale")).manifest_digest("olab-user", first.tag)
+
+        again = build_image(site=str(path))
+        assert again == first, "the same content-hash tag in the registry: nothing is built"
+        plan = build_image(site=str(path), dry_run=True)
+        assert [(s.verb, s.subject) for s in plan.steps] == [("reuse", first.pinned)]
+        # The token reached buildah through a private auth file, never its command line or the logs.
+        assert "ya29.fake-access-token" not in (tmp_path / "ar" / "registry.log").read_text()
