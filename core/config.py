@@ -223,11 +223,63 @@ class GkeSettings(_Section):
         return self
 
 
+VaultPath = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$", max_length=512)]
+DEFAULT_JWT_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
 class VaultSettings(_Section):
-    address: Annotated[str, Field(pattern=r"^https?://")]
-    mount: str = "secret"
-    path: str
-    auth: Literal["approle", "token"] = "approle"
+    """Where a gke site's secrets are and how olab logs in to Vault; holds no secret itself
+    (tokens and secret_ids come from the environment or 0600 files)."""
+
+    address: Annotated[str, Field(pattern=r"^https?://[^\s/]+/?$")]
+    mount: VaultPath = "secret"
+    path: VaultPath
+    auth: Literal["token", "approle", "kubernetes", "jwt"] = "approle"
+    # Where the auth method is enabled (auth/<auth_mount>); default: the method's name.
+    auth_mount: VaultPath | None = None
+    namespace: VaultPath | None = None
+    # PEM bundle of the CA that signed Vault's certificate; default: the system's CAs.
+    ca_bundle: Path | None = None
+    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 15.0
+    # token: a 0600 file holding the token; default: env VAULT_TOKEN.
+    token_file: Path | None = None
+    # approle: the role_id is an identifier, not a secret (here, a 0600-or-not file, or env VAULT_ROLE_ID);
+    # the secret_id comes from a 0600 file or env VAULT_SECRET_ID.
+    role_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    role_id_file: Path | None = None
+    secret_id_file: Path | None = None
+    # kubernetes / jwt: the role to log in as, and the file holding the JWT.
+    role: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")] | None = None
+    jwt_file: Path = DEFAULT_JWT_FILE
+
+    @model_validator(mode="after")
+    def _fields_of_the_method(self) -> VaultSettings:
+        if self.auth in ("kubernetes", "jwt") and not self.role:
+            raise ValueError(f"auth {self.auth} needs a role")
+        if self.role_id and self.role_id_file:
+            raise ValueError("role_id and role_id_file: give one of them")
+        misplaced = {
+            "token_file": self.auth != "token" and self.token_file,
+            "role_id": self.auth != "approle" and self.role_id,
+            "role_id_file": self.auth != "approle" and self.role_id_file,
+            "secret_id_file": self.auth != "approle" and self.secret_id_file,
+            "role": self.auth not in ("kubernetes", "jwt") and self.role,
+        }
+        if wrong := [name for name, bad in misplaced.items() if bad]:
+            raise ValueError(f"{', '.join(wrong)}: not used by auth {self.auth}")
+        return self
+
+    @property
+    def where(self) -> str:
+        return f"mount '{self.mount}', path '{self.path}'"
+
+    @property
+    def api_path(self) -> str:
+        return f"{self.mount}/data/{self.path}"
+
+    @property
+    def login_mount(self) -> str:
+        return self.auth_mount or self.auth
 
 
 class SiteConfig(_Section):

@@ -39,7 +39,9 @@ class HubSecrets(BaseModel):
         )
 
     def values(self) -> list[str]:
-        return [v.get_secret_value() for v in self.__dict__.values() if isinstance(v, SecretStr)]
+        """Every secret value, the extra keys (LTI, registry) included."""
+        fields = [*self.__dict__.values(), *(self.__pydantic_extra__ or {}).values()]
+        return [v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in fields if v is not None]
 
 
 class SecretStore:

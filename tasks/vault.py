@@ -40,6 +40,7 @@ import requests
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from core.config import VaultSettings
 from core.files import atomic_write
 from core.logs import task_logger
 from core.retry import TransientError
@@ -47,9 +48,7 @@ from core.runner import mask, register_secrets
 from core.secrets import HubSecrets
 
 # Mount and secret paths: segments of safe characters, no leading or trailing '/', no '..'.
-VaultPath = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$", max_length=512)]
 KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
-DEFAULT_JWT_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 ENV_TOKEN, ENV_ROLE_ID, ENV_SECRET_ID = "VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID"
 REQUIRED_KEYS = tuple(HubSecrets.model_fields)
 
@@ -66,61 +65,7 @@ class VaultSecretExists(VaultError):
     """``init`` found secrets already at the site's path (or lost a race to another init)."""
 
 
-class VaultAccess(BaseModel):
-    """How to reach the site's secrets: mirrors the ``vault`` section of a site file
-    (``core.config.VaultSettings``); holds no secret, only where secrets are."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    address: Annotated[str, Field(pattern=r"^https?://[^\s/]+/?$")]
-    mount: VaultPath = "secret"
-    path: VaultPath
-    auth: Literal["token", "approle", "kubernetes", "jwt"] = "approle"
-    # Where the auth method is enabled (auth/<auth_mount>); default: the method's name.
-    auth_mount: VaultPath | None = None
-    namespace: VaultPath | None = None
-    # PEM bundle of the CA that signed Vault's certificate; default: the system's CAs.
-    ca_bundle: Path | None = None
-    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 15.0
-    # token: a 0600 file holding the token; default: env VAULT_TOKEN.
-    token_file: Path | None = None
-    # approle: the role_id is an identifier, not a secret (here, a 0600-or-not file, or env VAULT_ROLE_ID);
-    # the secret_id comes from a 0600 file or env VAULT_SECRET_ID.
-    role_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
-    role_id_file: Path | None = None
-    secret_id_file: Path | None = None
-    # kubernetes / jwt: the role to log in as, and the file holding the JWT.
-    role: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")] | None = None
-    jwt_file: Path = DEFAULT_JWT_FILE
-
-    @model_validator(mode="after")
-    def _fields_of_the_method(self) -> VaultAccess:
-        if self.auth in ("kubernetes", "jwt") and not self.role:
-            raise ValueError(f"auth {self.auth} needs a role")
-        if self.role_id and self.role_id_file:
-            raise ValueError("role_id and role_id_file: give one of them")
-        misplaced = {
-            "token_file": self.auth != "token" and self.token_file,
-            "role_id": self.auth != "approle" and self.role_id,
-            "role_id_file": self.auth != "approle" and self.role_id_file,
-            "secret_id_file": self.auth != "approle" and self.secret_id_file,
-            "role": self.auth not in ("kubernetes", "jwt") and self.role,
-        }
-        if wrong := [name for name, bad in misplaced.items() if bad]:
-            raise ValueError(f"{', '.join(wrong)}: not used by auth {self.auth}")
-        return self
-
-    @property
-    def where(self) -> str:
-        return f"mount '{self.mount}', path '{self.path}'"
-
-    @property
-    def api_path(self) -> str:
-        return f"{self.mount}/data/{self.path}"
-
-    @property
-    def login_mount(self) -> str:
-        return self.auth_mount or self.auth
+VaultAccess = VaultSettings  # the site file's vault section is the access
 
 
 def vault_access(settings: Any) -> VaultAccess:
@@ -249,7 +194,12 @@ class VaultClient:
     def __init__(self, access: VaultAccess, *, environ: Mapping[str, str] | None = None):
         self.access = access
         self._environ = os.environ if environ is None else environ
-        verify: bool | str = str(access.ca_bundle.expanduser()) if access.ca_bundle else True
+        verify: bool | str = True
+        if access.ca_bundle:
+            ca = access.ca_bundle.expanduser()
+            if not ca.is_file():
+                raise VaultError(f"vault.ca_bundle {ca}: no such file")
+            verify = str(ca)
         # token="" explicitly: hvac would otherwise take VAULT_TOKEN or ~/.vault-token on its own.
         self._client = hvac.Client(
             url=access.address.rstrip("/"), token="", verify=verify, timeout=access.timeout_seconds,
@@ -259,7 +209,11 @@ class VaultClient:
         self.login_info: LoginInfo | None = None
 
     def __enter__(self) -> VaultClient:
-        self.login()
+        try:
+            self.login()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
@@ -344,11 +298,16 @@ class VaultClient:
             if "no handler for route" in _vault_errors(exc) or not exc.errors:
                 raise VaultError(f"vault {address}: {who} failed: no {method} auth method is enabled at auth/{mount} (set vault.auth_mount)") from None
             raise VaultError(f"vault {address}: {who} refused: {bad}") from None
-        except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized) as exc:
-            words = _vault_errors(exc)
-            if "no handler for route" in words:
-                raise VaultError(f"vault {address}: {who} failed: no {method} auth method is enabled at auth/{mount} (set vault.auth_mount)") from None
-            raise VaultError(f"vault {address}: {who} refused: {bad} (vault says: {words})") from None
+        except hvac.exceptions.InvalidRequest as exc:
+            raise VaultError(f"vault {address}: {who} refused: {bad} (vault says: {_vault_errors(exc)})") from None
+        except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized) as exc:
+            # Without a token, Vault answers 403 both to a login it refuses and to a path no
+            # auth method serves; AppRole refuses bad credentials with 400, so its 403 is the path.
+            if method == "approle":
+                raise VaultError(f"vault {address}: {who} failed: no approle auth method answers at auth/{mount}; "
+                                 f"check vault.auth_mount (vault says: {_vault_errors(exc)})") from None
+            raise VaultError(f"vault {address}: {who} refused: {bad}, or no {method} auth method is enabled at "
+                             f"auth/{mount} (vault says: {_vault_errors(exc)})") from None
         except hvac.exceptions.VaultError as exc:
             raise self._fail(who, exc) from None
 

@@ -413,7 +413,7 @@ def test_kubernetes_client_accepts_the_kubeconfig(fake, client, tmp_path):
     configuration = kube.Configuration()
     config.load_kube_config(config_file=str(path), client_configuration=configuration)
     assert configuration.host == "https://34.89.10.20"
-    assert configuration.api_key["authorization"] == f"Bearer {TOKEN}"
+    assert configuration.api_key.get("BearerToken", configuration.api_key.get("authorization")) == f"Bearer {TOKEN}"
 
 
 # ---- credentials -----------------------------------------------------------------------

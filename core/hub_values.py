@@ -1,0 +1,423 @@
+"""A HubSpec rendered as Zero-to-JupyterHub values, and the values checked before helm runs.
+
+The gke target deploys two Helm releases: the Zero-to-JupyterHub chart (pinned,
+from its chart repository) and ``helm/olab-ingress`` (the GKE ManagedCertificate,
+the Ingress on the static IP, their Frontend/BackendConfig). Each gets its values
+as layers, later ones winning, exactly as ``helm -f a -f b -f c`` merges them:
+
+1. base: ``helm/values/base.yaml`` (olab's choices for every site: pools, storage, culler, ...)
+2. site: :func:`z2jh_values` (and :func:`ingress_values`), rendered from the site and its HubSpec
+3. secrets: :func:`secrets_layer`, written to a 0600 file; never a ``--set``
+
+:func:`validate_values` checks the merged layers against the chart's own
+``values.schema.json`` over that version's defaults, plus olab's rules (no open
+authenticator, the user image pinned by digest, requests within limits), one line
+per problem naming the key path. Everything here is pure: no files, no helm.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.config import Site
+from core.models import HubSpec
+
+# The chart as its maintainers publish it; a site may name a mirror (see chart_source).
+Z2JH_CHART = "jupyterhub"
+Z2JH_REPOSITORY = "https://hub.jupyter.org/helm-chart/"
+# Release names in the site's namespace.
+HUB_RELEASE = "olab"
+INGRESS_RELEASE = "olab-ingress"
+# Our chart's objects (certificate, ingress, frontend/backend configs) are named from this;
+# the hub's proxy-public Service refers to the BackendConfig by it.
+INGRESS_NAME = "olab-hub"
+# The Zero-to-JupyterHub Service the ingress sends traffic to (fullnameOverride "").
+PROXY_SERVICE = "proxy-public"
+PROXY_SERVICE_PORT = 80
+
+LTI13_CLASS = "ltiauthenticator.lti13.auth.LTI13Authenticator"
+SHARED_PASSWORD_CLASS = "shared-password"
+AUTHENTICATOR_CLASSES = {"lti": LTI13_CLASS, "shared-password": SHARED_PASSWORD_CLASS}
+# What LTI13Authenticator needs to accept a launch (jupyterhub-ltiauthenticator 1.x).
+LTI13_REQUIRED = ("issuer", "client_id", "authorize_url", "jwks_endpoint")
+# SharedPasswordAuthenticator's own minimum lengths (JupyterHub 5).
+USER_PASSWORD_MIN = 8
+ADMIN_PASSWORD_MIN = 32
+# Authenticators that let anyone in: the chart's default among them.
+OPEN_AUTHENTICATORS = {None, "", "dummy", "null", "jupyterhub.auth.DummyAuthenticator", "dummyauthenticator.DummyAuthenticator"}
+
+_DIGEST_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}@sha256:[0-9a-f]{64}$")
+_HTTPS = Annotated[str, Field(pattern=r"^https://[^\s/?#]+[^\s?#]*$")]
+
+
+class LtiPlatform(BaseModel):
+    """The LMS (LTI 1.3 platform) the hub trusts: public endpoints from its tool registration.
+
+    The client id(s) of the registration go in the secrets layer (:func:`secrets_layer`).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    issuer: _HTTPS
+    authorize_url: _HTTPS
+    jwks_endpoint: _HTTPS
+    # The launch claim that becomes the JupyterHub username (the admins are named in it).
+    username_key: str = "email"
+
+
+def chart_source(site: Site) -> tuple[str, str, str]:
+    """(chart, repository URL, version) of the site's Zero-to-JupyterHub release."""
+    gke = _gke(site)
+    # A site may name a mirror of the chart repository (gke.chart_repository once the site
+    # schema has it); the version is pinned either way.
+    repository = getattr(gke, "chart_repository", None) or Z2JH_REPOSITORY
+    return Z2JH_CHART, str(repository), gke.chart_version
+
+
+def z2jh_values(site: Site, spec: HubSpec, *, lti: LtiPlatform | None = None, base: Mapping | None = None) -> dict:
+    """The site layer of the Zero-to-JupyterHub values: what the site and its HubSpec ask for.
+
+    ``lti``: the platform's endpoints when ``spec.authenticator`` is ``lti`` (without it they
+    must come from another layer; :func:`validate_values` says which are missing).
+    ``base``: the layers below this one, read (never changed) so that a site's smaller
+    limit also lowers a base guarantee: Kubernetes refuses a pod that requests more than
+    its limit. No secrets here: those are :func:`secrets_layer`'s.
+    """
+    _gke(site)
+    image = spec.image
+    if not image.is_oci or not image.repository:
+        raise ValueError(
+            f"{site.source}: image {image.name}: the gke target runs OCI images from the site's registry "
+            f"(gke.registry); this one is a {image.builder} environment at {image.location}"
+        )
+    if spec.authenticator not in AUTHENTICATOR_CLASSES:
+        raise ValueError(f"{site.source}: hub.authenticator: {spec.authenticator} is not available on the gke target")
+
+    config: dict[str, Any] = {
+        "JupyterHub": {"authenticator_class": AUTHENTICATOR_CLASSES[spec.authenticator]},
+        # The authenticator is the gate (an LMS launch, or the shared password).
+        "Authenticator": {"admin_users": sorted(spec.admins), "allow_all": True},
+    }
+    if spec.authenticator == "lti":
+        lti13: dict[str, Any] = {"uri_scheme": "https"}  # TLS ends at Google's load balancer
+        if lti is not None:
+            lti13.update(
+                issuer=lti.issuer, authorize_url=lti.authorize_url,
+                jwks_endpoint=lti.jwks_endpoint, username_key=lti.username_key,
+            )
+        config["LTI13Authenticator"] = lti13
+
+    singleuser: dict[str, Any] = {
+        # name:tag@digest: the digest is what runs, the tag is for people reading it.
+        "image": {"name": image.repository, "tag": f"{image.tag}@{image.digest}"},
+        "defaultUrl": spec.default_url,
+        "startTimeout": spec.start_timeout_seconds,
+        "extraEnv": {"OLAB_SITE": site.name},
+    }
+    below = base or {}
+    if spec.limits.memory:
+        memory: dict[str, Any] = {"limit": spec.limits.memory}
+        guarantee = _get(below, "singleuser.memory.guarantee")
+        if _lower(spec.limits.memory, guarantee, _bytes):
+            memory["guarantee"] = spec.limits.memory
+        singleuser["memory"] = memory
+    if spec.limits.cpu:
+        cpu: dict[str, Any] = {"limit": spec.limits.cpu}
+        guarantee = _get(below, "singleuser.cpu.guarantee")
+        if _lower(spec.limits.cpu, guarantee, _cores):
+            cpu["guarantee"] = spec.limits.cpu
+        singleuser["cpu"] = cpu
+
+    if spec.cull_idle_seconds:
+        cull: dict[str, Any] = {
+            "enabled": True,
+            "timeout": spec.cull_idle_seconds,
+            "every": max(60, min(600, spec.cull_idle_seconds // 2)),
+        }
+    else:
+        cull = {"enabled": False}
+
+    return {
+        "hub": {"config": config},
+        "proxy": {
+            "service": {
+                "annotations": {
+                    # Google's load balancer reaches the proxy pods directly (container-native),
+                    # with our chart's BackendConfig (health check, websocket timeout).
+                    "cloud.google.com/neg": '{"ingress": true}',
+                    "cloud.google.com/backend-config": '{"default": "%s"}' % INGRESS_NAME,
+                }
+            }
+        },
+        "singleuser": singleuser,
+        "cull": cull,
+    }
+
+
+def ingress_values(site: Site, *, static_ip_name: str) -> dict:
+    """The site layer of ``helm/olab-ingress``: the site's domains on provision-cluster's static IP."""
+    gke = _gke(site)
+    if not static_ip_name:
+        raise ValueError(f"{site.source}: no static IP name: run provision-cluster first (its output static_ip_name)")
+    return {
+        "name": INGRESS_NAME,
+        "domains": list(gke.domains),
+        "staticIpName": static_ip_name,
+        "service": {"name": PROXY_SERVICE, "port": PROXY_SERVICE_PORT},
+    }
+
+
+def secrets_layer(
+    spec: HubSpec,
+    secrets: Mapping[str, str],
+    *,
+    lti_client_ids: list[str] | None = None,
+) -> dict:
+    """The secrets layer: values only a 0600 file (or the cluster) may hold.
+
+    ``secrets``: the site's secret store as plain strings (``cookie_secret``,
+    ``proxy_auth_token``, ``api_token``, and for shared-password logins ``user_password``,
+    ``admin_password``). ``lti_client_ids``: the LMS registration's client id(s).
+    """
+    config: dict[str, Any] = {}
+    hub: dict[str, Any] = {"config": config}
+    if secrets.get("cookie_secret"):
+        config.setdefault("JupyterHub", {})["cookie_secret"] = secrets["cookie_secret"]
+    if secrets.get("proxy_auth_token"):
+        config["ConfigurableHTTPProxy"] = {"auth_token": secrets["proxy_auth_token"]}
+    if secrets.get("api_token"):
+        # olab's own service: how olab reaches the hub's REST API (its role is in the base layer).
+        hub["services"] = {"olab": {"apiToken": secrets["api_token"]}}
+    if spec.authenticator == "lti" and lti_client_ids:
+        config["LTI13Authenticator"] = {"client_id": sorted(set(lti_client_ids))}
+    if spec.authenticator == "shared-password":
+        shared = {key: secrets[key] for key in ("user_password", "admin_password") if secrets.get(key)}
+        if shared:
+            config["SharedPasswordAuthenticator"] = shared
+    return {"hub": hub}
+
+
+def merge_values(*layers: Mapping | None) -> dict:
+    """Layers merged as helm merges ``-f`` files: later wins, maps merge key by key,
+    anything else (lists included) is replaced whole; a null is kept (it removes the
+    chart's default later, see :func:`with_defaults`). The inputs are not changed."""
+    merged: dict = {}
+    for layer in layers:
+        if layer:
+            _merge_into(merged, layer)
+    return merged
+
+
+def with_defaults(values: Mapping, defaults: Mapping) -> dict:
+    """The values over the chart's defaults, as helm coalesces them before its schema
+    check: a null given for a key the defaults have removes that key."""
+    out = copy.deepcopy(dict(defaults))
+    for key, value in values.items():
+        if value is None:
+            if key in out:
+                del out[key]
+            else:
+                out[key] = None
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = with_defaults(value, out[key])
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def validate_values(values: Mapping, schema: Mapping, defaults: Mapping) -> list[str]:
+    """Problems with merged values, one line each, naming the key path; [] if none.
+
+    The values are checked over ``defaults`` (the chart version's values.yaml) against
+    ``schema`` (its values.schema.json), as helm does, and then against olab's rules.
+    No line quotes a value (values may be secrets), only keys, types and the schema's words.
+    """
+    problems = schema_problems(values, schema, defaults)
+    problems.extend(_olab_rules(with_defaults(values, defaults)))
+    return list(dict.fromkeys(problems))
+
+
+def schema_problems(values: Mapping, schema: Mapping, defaults: Mapping) -> list[str]:
+    """Only the chart's schema check (as helm runs it), one line per problem: for any chart."""
+    import jsonschema
+
+    full = with_defaults(values, defaults)
+    validator_class = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    validator = validator_class(schema)
+    problems: list[str] = []
+    for error in sorted(validator.iter_errors(full), key=lambda e: [str(p) for p in e.absolute_path]):
+        problems.extend(_describe(error))
+    return list(dict.fromkeys(problems))
+
+
+# --- olab's rules over the merged values ---------------------------------------------------
+
+
+def _olab_rules(values: Mapping) -> list[str]:
+    problems: list[str] = []
+    authenticator = _get(values, "hub.config.JupyterHub.authenticator_class")
+    if authenticator in OPEN_AUTHENTICATORS or not isinstance(authenticator, str):
+        problems.append(
+            "hub.config.JupyterHub.authenticator_class: "
+            + (f"{authenticator} lets anyone in" if authenticator else "not set")
+            + "; the site's hub.authenticator chooses lti or shared-password"
+        )
+    elif authenticator in (LTI13_CLASS, "lti13", "ltiauthenticator.LTI13Authenticator"):
+        lti = _get(values, "hub.config.LTI13Authenticator") or {}
+        for key in LTI13_REQUIRED:
+            if not lti.get(key):
+                where = "the secrets layer" if key == "client_id" else "the LTI platform's settings"
+                problems.append(f"hub.config.LTI13Authenticator.{key}: required for LTI 1.3 logins (from {where})")
+        for key in ("authorize_url", "jwks_endpoint"):
+            if lti.get(key) and not str(lti[key]).startswith("https://"):
+                problems.append(f"hub.config.LTI13Authenticator.{key}: must be an https:// URL")
+    elif authenticator == SHARED_PASSWORD_CLASS or authenticator.endswith("SharedPasswordAuthenticator"):
+        shared = _get(values, "hub.config.SharedPasswordAuthenticator") or {}
+        user, admin = shared.get("user_password"), shared.get("admin_password")
+        if not user or len(str(user)) < USER_PASSWORD_MIN:
+            problems.append(
+                f"hub.config.SharedPasswordAuthenticator.user_password: required, at least {USER_PASSWORD_MIN} "
+                "characters (from the secrets layer)"
+            )
+        if admin and len(str(admin)) < ADMIN_PASSWORD_MIN:
+            problems.append(
+                f"hub.config.SharedPasswordAuthenticator.admin_password: at least {ADMIN_PASSWORD_MIN} characters"
+            )
+
+    # JupyterHub refuses to start with a role granted to a service it does not have.
+    services = _get(values, "hub.services") or {}
+    for role, spec in sorted((_get(values, "hub.loadRoles") or {}).items()):
+        for service in (spec or {}).get("services") or []:
+            if service not in services:
+                problems.append(
+                    f"hub.loadRoles.{role}.services: {service} is not in hub.services "
+                    "(its apiToken comes from the secrets layer)"
+                )
+
+    tag = _get(values, "singleuser.image.tag")
+    if not isinstance(tag, str) or not _DIGEST_TAG.match(tag):
+        problems.append("singleuser.image.tag: the user image must be pinned by digest (<tag>@sha256:<64 hex>)")
+
+    for what, parse in (("memory", _bytes), ("cpu", _cores)):
+        limit = _get(values, f"singleuser.{what}.limit")
+        guarantee = _get(values, f"singleuser.{what}.guarantee")
+        if _lower(limit, guarantee, parse):
+            problems.append(
+                f"singleuser.{what}.guarantee: {guarantee} exceeds singleuser.{what}.limit {limit} "
+                "(Kubernetes refuses such a pod)"
+            )
+    return problems
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _gke(site: Site):
+    if site.config.gke is None:
+        raise ValueError(f"{site.source}: Zero-to-JupyterHub values are for gke sites; this one has no gke section")
+    return site.config.gke
+
+
+def _merge_into(target: dict, layer: Mapping) -> None:
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            _merge_into(target[key], value)
+        elif isinstance(value, Mapping):
+            target[key] = {}
+            _merge_into(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def _get(values: Mapping, dotted: str) -> Any:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?$")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _bytes(value: Any) -> float | None:
+    """KubeSpawner's memory sizes (1K = 1024, as JupyterHub's ByteSpecification)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _SIZE.match(str(value).strip()) if value is not None else None
+    return float(match.group(1)) * _UNITS[match.group(2)] if match else None
+
+
+def _cores(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip() if value is not None else ""
+    if re.fullmatch(r"[0-9]+m", text):
+        return int(text[:-1]) / 1000
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _lower(limit: Any, guarantee: Any, parse) -> bool:
+    """Whether a limit is below a guarantee (False when either is unset or unreadable)."""
+    lim, req = parse(limit), parse(guarantee)
+    return lim is not None and req is not None and lim < req
+
+
+def _path(parts) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out
+
+
+def _typename(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _describe(error) -> list[str]:
+    where = _path(error.absolute_path)
+    kind = error.validator
+    if kind == "additionalProperties" and isinstance(error.instance, Mapping):
+        schema = error.schema
+        known = list(schema.get("properties", {}))
+        patterns = [re.compile(p) for p in schema.get("patternProperties", {})]
+        lines = []
+        for key in error.instance:
+            if key in known or any(p.search(key) for p in patterns):
+                continue
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+            lines.append(f"{_path([*error.absolute_path, key])}: unknown key{suggestion}")
+        return lines or [f"{where or '(top level)'}: unknown keys"]
+    if kind == "required" and isinstance(error.instance, Mapping):
+        return [
+            f"{_path([*error.absolute_path, key])}: required"
+            for key in error.validator_value
+            if key not in error.instance
+        ]
+    if kind == "type":
+        wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return [f"{where or '(top level)'}: must be {' or '.join(map(str, wanted))}, not {_typename(error.instance)}"]
+    if kind == "enum":
+        return [f"{where or '(top level)'}: must be one of {', '.join(repr(v) for v in error.validator_value)}"]
+    if kind == "const":
+        return [f"{where or '(top level)'}: must be {error.validator_value!r}"]
+    if kind in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems", "minLength", "maxLength"):
+        return [f"{where or '(top level)'}: fails {kind} {error.validator_value}"]
+    if kind == "pattern":
+        return [f"{where or '(top level)'}: does not match {error.validator_value}"]
+    if kind in ("oneOf", "anyOf"):
+        return [f"{where or '(top level)'}: matches none of the allowed forms ({kind})"]
+    return [f"{where or '(top level)'}: fails the chart's schema ({kind})"]
