@@ -48,6 +48,20 @@ class Target(str, Enum):
     gke = "gke"
 
 
+HttpsUrl = Annotated[str, Field(pattern=r"^https://[^\s/?#]+[^\s?#]*$")]
+
+
+class LtiSettings(_Section):
+    """The course platform (an LTI 1.3 platform: Moodle, Canvas, ...) that logs students in.
+    Its client id is a secret of the site's store (Vault: lti_client_id)."""
+
+    issuer: HttpsUrl
+    authorize_url: HttpsUrl
+    jwks_endpoint: HttpsUrl
+    # The launch claim that becomes the JupyterHub user name; admins are named by it too.
+    username_key: str = "email"
+
+
 class HubSettings(_Section):
     host: str = "127.0.0.1"
     port: Port = 8000
@@ -64,6 +78,7 @@ class HubSettings(_Section):
     # A server idle this long is stopped (jupyterhub-idle-culler, as Zero-to-JupyterHub
     # runs it); its data stays. 0: never.
     cull_idle_seconds: Annotated[int, Field(ge=0, le=30 * 86400)] = 3600
+    lti: LtiSettings | None = None
 
     @field_validator("default_url")
     @classmethod
@@ -71,6 +86,12 @@ class HubSettings(_Section):
         if not value.startswith("/"):
             raise ValueError("must be a path starting with '/', such as /lab")
         return value
+
+    @model_validator(mode="after")
+    def _lti_platform(self) -> HubSettings:
+        if self.authenticator == "lti" and self.lti is None:
+            raise ValueError("authenticator lti needs an lti section (issuer, authorize_url, jwks_endpoint)")
+        return self
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> HubSettings:
@@ -210,7 +231,17 @@ class GkeSettings(_Section):
     cluster_ready_timeout_seconds: Annotated[int, Field(ge=10, le=7200)] = 1800
     poll_seconds: Annotated[float, Field(gt=0, le=60)] = 10
     apis: GoogleApis = GoogleApis()
-    chart_version: str = "4.4.0"
+    # Zero-to-JupyterHub, pinned; a mirror of the public chart repository may replace it.
+    chart_repository: Annotated[str, Field(pattern=r"^https?://")] = "https://hub.jupyter.org/helm-chart/"
+    chart_version: Annotated[str, Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+")] = "4.4.0"
+    helm: str = "helm"  # the helm binary (name on PATH, or a path)
+    helm_timeout_seconds: Annotated[int, Field(ge=30, le=7200)] = 900
+    # The hub's URL (default https://<first domain>, behind the ManagedCertificate).
+    hub_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
+
+    @property
+    def url(self) -> str:
+        return (self.hub_url or f"https://{self.domains[0]}").rstrip("/")
 
     @property
     def location(self) -> str:

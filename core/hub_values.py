@@ -25,7 +25,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.config import Site
+from core.config import LtiSettings, Site
 from core.models import HubSpec
 
 # The chart as its maintainers publish it; a site may name a mirror (see chart_source).
@@ -53,38 +53,24 @@ ADMIN_PASSWORD_MIN = 32
 OPEN_AUTHENTICATORS = {None, "", "dummy", "null", "jupyterhub.auth.DummyAuthenticator", "dummyauthenticator.DummyAuthenticator"}
 
 _DIGEST_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}@sha256:[0-9a-f]{64}$")
-_HTTPS = Annotated[str, Field(pattern=r"^https://[^\s/?#]+[^\s?#]*$")]
 
 
-class LtiPlatform(BaseModel):
-    """The LMS (LTI 1.3 platform) the hub trusts: public endpoints from its tool registration.
-
-    The client id(s) of the registration go in the secrets layer (:func:`secrets_layer`).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    issuer: _HTTPS
-    authorize_url: _HTTPS
-    jwks_endpoint: _HTTPS
-    # The launch claim that becomes the JupyterHub username (the admins are named in it).
-    username_key: str = "email"
+# The platform's endpoints are the site file's hub.lti section.
+LtiPlatform = LtiSettings
 
 
 def chart_source(site: Site) -> tuple[str, str, str]:
     """(chart, repository URL, version) of the site's Zero-to-JupyterHub release."""
     gke = _gke(site)
-    # A site may name a mirror of the chart repository (gke.chart_repository once the site
-    # schema has it); the version is pinned either way.
-    repository = getattr(gke, "chart_repository", None) or Z2JH_REPOSITORY
-    return Z2JH_CHART, str(repository), gke.chart_version
+    # A site may name a mirror of the chart repository; the version is pinned either way.
+    return Z2JH_CHART, gke.chart_repository, gke.chart_version
 
 
 def z2jh_values(site: Site, spec: HubSpec, *, lti: LtiPlatform | None = None, base: Mapping | None = None) -> dict:
     """The site layer of the Zero-to-JupyterHub values: what the site and its HubSpec ask for.
 
-    ``lti``: the platform's endpoints when ``spec.authenticator`` is ``lti`` (without it they
-    must come from another layer; :func:`validate_values` says which are missing).
+    ``lti``: the platform's endpoints when ``spec.authenticator`` is ``lti`` (default: the
+    site file's hub.lti).
     ``base``: the layers below this one, read (never changed) so that a site's smaller
     limit also lowers a base guarantee: Kubernetes refuses a pod that requests more than
     its limit. No secrets here: those are :func:`secrets_layer`'s.
@@ -104,6 +90,7 @@ def z2jh_values(site: Site, spec: HubSpec, *, lti: LtiPlatform | None = None, ba
         # The authenticator is the gate (an LMS launch, or the shared password).
         "Authenticator": {"admin_users": sorted(spec.admins), "allow_all": True},
     }
+    lti = lti or site.config.hub.lti
     if spec.authenticator == "lti":
         lti13: dict[str, Any] = {"uri_scheme": "https"}  # TLS ends at Google's load balancer
         if lti is not None:

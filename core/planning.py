@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,3 +197,41 @@ def restore_steps(decision: RestoreDecision, where: str) -> list[PlannedStep]:
         PlannedStep(verb="start", subject="the hub", detail="on the image the restore point names"),
     ]
     return steps
+
+
+def release_hash(chart: str, chart_version: str, values_layers: list[dict], secret_digest: str, image_digest: str) -> str:
+    """What a helm release is made of: the chart and its version, the values olab gives it
+    (secrets by their digest only), the image digest. Equal hashes: nothing to upgrade."""
+    return content_hash(
+        [
+            ("chart", f"{chart}@{chart_version}".encode()),
+            ("values", json.dumps(values_layers, sort_keys=True, default=str).encode()),
+            ("secrets", secret_digest.encode()),
+            ("image", image_digest.encode()),
+        ]
+    )
+
+
+@dataclass(frozen=True)
+class ReleaseFacts:
+    """A helm release as the cluster holds it (plain data from its release secrets)."""
+
+    deployed_revision: int | None = None
+    deployed_hash: str | None = None
+    stuck_revision: int | None = None
+    stuck_status: str | None = None
+
+
+def plan_release(release_hash_now: str, facts: ReleaseFacts) -> tuple[HubAction, str]:
+    """Install a release that is not there, upgrade one that differs or is stuck, else leave it."""
+    if facts.stuck_revision is not None:
+        return (
+            "restart" if facts.deployed_revision else "start",
+            f"revision {facts.stuck_revision} is stuck in {facts.stuck_status}: "
+            + (f"roll back to revision {facts.deployed_revision}, then upgrade" if facts.deployed_revision else "remove it, then install"),
+        )
+    if facts.deployed_revision is None:
+        return "start", "no deployed release: install it"
+    if facts.deployed_hash != release_hash_now:
+        return "restart", f"revision {facts.deployed_revision} differs ({(facts.deployed_hash or 'no hash')[:12]} -> {release_hash_now[:12]}): upgrade"
+    return "unchanged", f"revision {facts.deployed_revision} already is {release_hash_now[:12]}: nothing to do"

@@ -17,6 +17,7 @@ class SiteState(BaseModel):
     image: ImageRef | None = None
     hub: HubDeployment | None = None
     health: HealthReport | None = None
+    infra: dict[str, str] = {}  # what provision-cluster made (gke: terraform's public outputs)
 
 
 def load_state(site: Site) -> SiteState:

@@ -211,6 +211,27 @@ def cmd_credentials(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_secrets(args: argparse.Namespace) -> int:
+    """`olab secrets init`: a new gke site's hub secrets, generated and written into Vault once."""
+    site = _check_site(args.site, "secrets")
+    if site.config.vault is None:
+        _err(f"{site.source}: vault: olab secrets init writes a gke site's secrets into Vault; this site has no vault section"
+             " (a local site's secrets are made by `olab provision` in its 0600 store)")
+        return EXIT_USAGE
+    from tasks.vault import VaultError, init_hub_secrets, vault_access
+
+    extra = {"lti_client_id": args.lti_client_id} if args.lti_client_id else None
+    try:
+        result = init_hub_secrets(vault_access(site.config.vault), extra, force=args.force)
+    except VaultError as exc:
+        _err(f"olab secrets init: {exc}")
+        return EXIT_FAILED
+    verb = "replaced" if result.replaced else "wrote"
+    print(f"{verb} the hub's secrets of site {site.name} in Vault: {site.config.vault.address} {result.mount}/{result.path}, version {result.version}")
+    print(f"  keys: {', '.join(result.keys)} (values are never printed)")
+    return EXIT_OK
+
+
 def cmd_lock(args: argparse.Namespace) -> int:
     from olab.lock import regenerate_lock
 
@@ -241,6 +262,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "doctor": (cmd_doctor, "which image builder and container runtime this machine has, and what to install"),
     "credentials": (cmd_credentials, "print the hub's login passwords (from the 0600 secret store)"),
     "lock": (cmd_lock, "regenerate the image's lock file from its requirements.in"),
+    "secrets": (cmd_secrets, "secrets init: write a new gke site's hub secrets into Vault, once"),
 }
 
 
@@ -263,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--restore-point", help="restore this one (default: the newest complete one)")
         if name == "status":
             cmd.add_argument("--no-runs", action="store_true", help="do not ask Prefect for the last runs")
+        if name == "secrets":
+            cmd.add_argument("action", choices=["init"], help="init: generate the site's hub secrets and write them once")
+            cmd.add_argument("--force", action="store_true", help="replace secrets that are already there (every user is logged out)")
+            cmd.add_argument("--lti-client-id", help="the client id of the site's LTI 1.3 registration on the course platform")
         if name == "serve":
             cmd.add_argument("--port", type=int, default=4200, help="Prefect UI port on 127.0.0.1 (default 4200)")
     return parser

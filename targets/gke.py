@@ -9,12 +9,34 @@ weekend shutdown on GKE fill it in.
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
 from core.config import GkeSettings, Site
-from core.models import Check, InfraPlan, PlannedStep, ProvisionReport, RegistryAccess, RegistryLogin
+from core.files import sha256_bytes
+from core.hub_values import HUB_RELEASE, INGRESS_RELEASE, chart_source, ingress_values, merge_values, secrets_layer, validate_values, z2jh_values
+from core.logs import task_logger
+from core.models import (
+    Check,
+    HubAccess,
+    HubDeployment,
+    HubPlan,
+    HubSpec,
+    HubState,
+    InfraPlan,
+    PlannedStep,
+    ProvisionReport,
+    RegistryAccess,
+    RegistryLogin,
+)
+from core.planning import ReleaseFacts, plan_release, release_hash
 from core.platform import TargetNotReady
+from core.secrets import HubSecrets
+from core.state import load_state, update_state
 from tasks.terraform import PlanSummary, Terraform
 
-READY = frozenset({"provision-cluster", "build-image", "test-notebooks"})
+READY = frozenset({"provision-cluster", "build-image", "test-notebooks", "deploy-hub", "release"})
 VERBS = {"add": "create", "change": "update", "replace": "replace", "destroy": "delete"}
 # The outputs later flows use; none of them is a secret.
 PUBLIC_OUTPUTS = ("cluster_name", "location", "endpoint", "static_ip", "static_ip_name", "registry", "core_pool", "user_pool")
@@ -69,6 +91,8 @@ class GkePlatform:
         self.gke: GkeSettings = site.config.gke
         self._terraform: Terraform | None = None
         self._plan: PlanSummary | None = None
+        self._hub_secrets: HubSecrets | None = None
+        self._release_plan: ReleaseFacts | None = None
 
     def not_ready(self, flow: str) -> str | None:
         if flow in READY:
@@ -132,6 +156,7 @@ class GkePlatform:
         # Anonymous APIs (emulators on loopback) have no Google token to give Kubernetes either.
         token = access_token(self.gke.apis) or "anonymous"
         kubeconfig = write_kubeconfig(self.site.paths.runtime / "kubeconfig", info, token, namespace=self.gke.namespace)
+        update_state(self.site, infra=public)
         return ProvisionReport(site=self.site.name, target="gke", checks=checks, outputs=public, kubeconfig=str(kubeconfig))
 
     def image_registry(self, *, prepare: bool = True) -> RegistryAccess:
@@ -147,19 +172,156 @@ class GkePlatform:
             login=RegistryLogin(username="oauth2accesstoken", password=token) if token else None,
         )
 
-    # Not built yet on GKE: deploy-hub and the weekend shutdown.
+    # The hub: Zero-to-JupyterHub by helm, secrets from Vault, HTTPS through our ingress chart.
+    def _kubeconfig(self) -> Path:
+        path = self.site.paths.runtime / "kubeconfig"
+        if not path.is_file():
+            raise TargetNotReady(f"site {self.site.name}: no kubeconfig at {path}: run provision-cluster first")
+        return path
 
-    def plan_hub(self, spec):
-        self._refuse("deploy-hub")
+    def _secrets(self) -> HubSecrets:
+        if self._hub_secrets is None:
+            from tasks.vault import read_hub_secrets, vault_access
 
-    def apply_hub(self, spec, plan):
-        self._refuse("deploy-hub")
+            if self.site.config.vault is None:
+                raise TargetNotReady(f"site {self.site.name}: deploy-hub on gke needs a vault section (where the hub's secrets are)")
+            self._hub_secrets = read_hub_secrets(vault_access(self.site.config.vault))
+        return self._hub_secrets
 
-    def hub_state(self):
-        self._refuse("deploy-hub")
+    def _release_facts(self) -> ReleaseFacts:
+        from tasks.kubernetes import api_from_kubeconfig, helm_releases, stuck_release
 
-    def hub_access(self):
-        self._refuse("deploy-hub")
+        revisions = helm_releases(api_from_kubeconfig(self._kubeconfig()), self.gke.namespace, HUB_RELEASE)
+        deployed = max((r for r in revisions if r.status == "deployed"), key=lambda r: r.revision, default=None)
+        stuck = stuck_release(revisions)
+        olab = ((deployed.values.get("custom") or {}).get("olab") or {}) if deployed else {}
+        return ReleaseFacts(
+            deployed_revision=deployed.revision if deployed else None,
+            deployed_hash=olab.get("releaseHash"),
+            stuck_revision=stuck.revision if stuck else None,
+            stuck_status=stuck.status if stuck else None,
+        )
+
+    def _chart_schema(self) -> tuple[dict, dict]:
+        """The pinned chart's own schema and defaults (pulled once per version)."""
+        from tasks.helm import chart_schema_and_defaults, find_helm, pull_chart
+
+        chart, repo, version = chart_source(self.site)
+        folder = self.site.paths.runtime / "charts" / f"{chart}-{version}"
+        if not (folder / chart / "values.schema.json").is_file():
+            pull_chart(chart, repo, version, folder, helm=find_helm(self.gke.helm))
+        return chart_schema_and_defaults(folder / chart)
+
+    def _layers(self, spec: HubSpec) -> tuple[dict, dict, str]:
+        """(site layer carrying its release hash, secrets layer, release hash), checked against
+        the chart's schema: a typo stops here, before helm or the cluster is touched."""
+        from tasks.helm import ValuesRejected, base_values_file, load_layers
+
+        base = load_layers([base_values_file(self.site.project)])[0]
+        site_layer = z2jh_values(self.site, spec, base=base)
+        secrets = self._secrets()
+        plain = {name: getattr(secrets, name).get_secret_value() for name in type(secrets).model_fields}
+        extra = {k: (v.get_secret_value() if hasattr(v, "get_secret_value") else str(v)) for k, v in (secrets.__pydantic_extra__ or {}).items()}
+        client_ids = [extra["lti_client_id"]] if extra.get("lti_client_id") else None
+        secret_layer = secrets_layer(spec, plain, lti_client_ids=client_ids)
+        chart, _, version = chart_source(self.site)
+        digest = sha256_bytes(json.dumps(secret_layer, sort_keys=True).encode())
+        release = release_hash(chart, version, [base, site_layer], digest, spec.image.digest)
+        # Kept with the release (its values), so the next deploy can tell "nothing to do".
+        site_layer.setdefault("custom", {})["olab"] = {"releaseHash": release, "site": self.site.name}
+        problems = validate_values(merge_values(base, site_layer, secret_layer), *self._chart_schema())
+        if problems:
+            raise ValuesRejected(problems)
+        return site_layer, secret_layer, release
+
+    def plan_hub(self, spec: HubSpec) -> HubPlan:
+        _, _, release = self._layers(spec)
+        facts = self._release_facts()
+        action, reason = plan_release(release, facts)
+        self._release_plan = facts
+        return HubPlan(action=action, config_hash=release, url=self.gke.url, reason=reason)
+
+    def apply_hub(self, spec: HubSpec, plan: HubPlan) -> HubDeployment:
+        from tasks.helm import base_values_file, checked_upgrade_argv, find_helm, ingress_chart, rollback_argv, run_helm, uninstall_argv, write_values
+        from tasks.vault import helm_secret_values
+
+        started = datetime.now(UTC)
+        if plan.action == "unchanged":
+            return HubDeployment(url=plan.url, config_hash=plan.config_hash, image=spec.image, started_at=started, action="unchanged")
+        logger = task_logger()
+        helm = find_helm(self.gke.helm)
+        kubeconfig = self._kubeconfig()
+        namespace, timeout = self.gke.namespace, self.gke.helm_timeout_seconds
+        site_layer, secret_layer, release = self._layers(spec)
+        if release != plan.config_hash:
+            raise RuntimeError("the hub's values changed between its plan and its apply; run deploy again")
+        facts = self._release_plan or self._release_facts()
+        if facts.stuck_revision is not None:
+            # helm refuses to upgrade ("another operation is in progress") until this is undone.
+            logger.warning("release %s: revision %d is stuck in %s (a deploy that was killed); %s", HUB_RELEASE,
+                           facts.stuck_revision, facts.stuck_status,
+                           f"rolling back to revision {facts.deployed_revision}" if facts.deployed_revision else "removing it")
+            if facts.deployed_revision:
+                argv = rollback_argv(helm, HUB_RELEASE, facts.deployed_revision, namespace=namespace, timeout_seconds=timeout, kubeconfig=kubeconfig)
+            else:
+                argv = uninstall_argv(helm, HUB_RELEASE, namespace=namespace, timeout_seconds=timeout, kubeconfig=kubeconfig)
+            run_helm(helm, argv, "rollback" if facts.deployed_revision else "uninstall", timeout=timeout + 60)
+        work = self.site.paths.runtime / "helm"
+        site_file = write_values(work / "site.yaml", site_layer)
+        chart, repo, version = chart_source(self.site)
+        schema, defaults = self._chart_schema()
+        with helm_secret_values(secret_layer) as secrets_file:
+            argv = checked_upgrade_argv(
+                helm, HUB_RELEASE, chart, repo=repo, version=version,
+                values_files=[base_values_file(self.site.project), site_file, secrets_file],
+                schema=schema, defaults=defaults, namespace=namespace, timeout_seconds=timeout, kubeconfig=kubeconfig,
+            )
+            try:
+                run_helm(helm, argv, "upgrade --install", timeout=timeout + 60)
+            except Exception as exc:
+                raise RuntimeError(f"{exc}{self._failure_report()}") from None
+        chart_dir = ingress_chart(self.site.project)
+        ingress_file = write_values(work / "ingress.yaml", ingress_values(self.site, static_ip_name=self._static_ip_name()))
+        run_helm(helm, checked_upgrade_argv(
+            helm, INGRESS_RELEASE, chart_dir, repo=None, version=None, values_files=[ingress_file],
+            schema=json.loads((chart_dir / "values.schema.json").read_text()), defaults={}, hub_rules=False,
+            namespace=namespace, timeout_seconds=timeout, kubeconfig=kubeconfig,
+        ), "upgrade --install (ingress)", timeout=timeout + 60)
+        return HubDeployment(url=plan.url, config_hash=release, image=spec.image, started_at=started, action=plan.action)
+
+    def _static_ip_name(self) -> str:
+        return load_state(self.site).infra.get("static_ip_name") or f"{self.gke.cluster_name}-hub"
+
+    def _failure_report(self) -> str:
+        """What the failing pods said (why helm's --wait gave up), for the error."""
+        try:
+            from tasks.kubernetes import api_from_kubeconfig, failing_pods, pod_events
+
+            api = api_from_kubeconfig(self._kubeconfig())
+            lines = []
+            for problem in failing_pods(api, self.gke.namespace)[:5]:
+                lines.append(f"pod {problem.pod}: {problem.phase} {problem.reason} {problem.message}".rstrip())
+                lines += [f"  {event}" for event in pod_events(api, self.gke.namespace, problem.pod)[-3:]]
+            return ("; failing pods:\n" + "\n".join(lines)) if lines else ""
+        except Exception as exc:  # the report must not hide helm's own error
+            return f"; (the pods could not be read: {exc})"
+
+    def hub_state(self) -> HubState:
+        from tasks.hub_api import hub_version
+
+        facts = self._release_facts()
+        recorded = load_state(self.site).hub
+        running = facts.deployed_revision is not None
+        return HubState(
+            running=running, url=self.gke.url, version=hub_version(self.gke.url) if running else None,
+            image=recorded.image if recorded else None, config_hash=facts.deployed_hash,
+            detail=f"release {HUB_RELEASE} revision {facts.deployed_revision}" if running else "no deployed release",
+        )
+
+    def hub_access(self) -> HubAccess:
+        return HubAccess(url=self.gke.url, token=self._secrets().api_token)
+
+    # Not built yet on GKE: the weekend shutdown.
 
     def stop_hub(self):
         self._refuse("stop-hub")

