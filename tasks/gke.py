@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict
 from core.config import GoogleApis
 from core.files import atomic_write
 from core.logs import task_logger
-from core.retry import TransientError
+from core.retry import TransientError, call_with_backoff
 
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
 # One HTTP request's own timeout (the waits have theirs).
@@ -319,27 +319,19 @@ def is_transient_api_error(exc: BaseException) -> bool:
     return isinstance(exc, (google.auth.exceptions.TransportError, OSError))
 
 
+def _permanent(exc: BaseException) -> BaseException:
+    if isinstance(exc, api_exceptions.GoogleAPICallError):
+        code, status, _ = _error_parts(exc)
+        return GkeApiError(api_message(exc), code, status)
+    return exc
+
+
 def _call(what: str, fn: Callable[[], T], deadline: float, retries: int, backoff: float) -> T:
-    """One API call, tried again on transient errors after backoff, 2*backoff, ... (each at
-    most MAX_BACKOFF, never past the deadline, at most ``retries`` times)."""
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient_api_error(exc):
-                if isinstance(exc, api_exceptions.GoogleAPICallError):
-                    code, status, _ = _error_parts(exc)
-                    raise GkeApiError(api_message(exc), code, status) from None
-                raise
-            attempt += 1
-            delay = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF)
-            if attempt > retries or time.monotonic() + delay > deadline:
-                raise GkeUnavailable(f"{api_message(exc)} ({what}: gave up after {attempt} attempts)") from None
-            task_logger().warning(
-                "%s: %s; trying again in %.1fs (%d of %d)", what, api_message(exc), delay, attempt, retries
-            )
-            time.sleep(delay)
+    """One API call, tried again on transient errors (core.retry.call_with_backoff)."""
+    return call_with_backoff(
+        what, fn, deadline=deadline, retries=retries, backoff=backoff, max_backoff=MAX_BACKOFF,
+        transient=is_transient_api_error, describe=api_message, permanent=_permanent, unavailable=GkeUnavailable,
+    )
 
 
 class _Progress:

@@ -42,7 +42,7 @@ from kubernetes.config.config_exception import ConfigException
 from pydantic import BaseModel, ConfigDict
 
 from core.logs import task_logger
-from core.retry import TransientError
+from core.retry import TransientError, call_with_backoff
 
 # One HTTP request's own timeout.
 REQUEST_TIMEOUT = 30.0
@@ -169,31 +169,26 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _permanent(what: str):
+    def make(exc: BaseException) -> BaseException:
+        if isinstance(exc, ApiException):
+            code, reason, _ = _error_parts(exc)
+            return KubernetesApiError(f"{api_message(exc)} ({what})", code, reason)
+        if isinstance(exc, ValueError):
+            # The client could not read the answer into its models.
+            return KubernetesError(f"{what}: unreadable answer: {_one_line(str(exc))}")
+        return exc
+
+    return make
+
+
 def _call(what: str, fn: Callable[[], T], deadline: float, retries: int, backoff: float) -> T:
-    """One API call, tried again on transient errors after backoff, 2*backoff, ... (each at
-    most MAX_BACKOFF, never past the deadline, at most ``retries`` times)."""
-    attempt = 0
-    while True:
-        try:
-            return fn()
-        except Exception as raised:  # noqa: BLE001 - classified below
-            exc = _unwrap(raised)
-            if not is_transient_api_error(exc):
-                if isinstance(exc, ApiException):
-                    code, reason, _ = _error_parts(exc)
-                    raise KubernetesApiError(f"{api_message(exc)} ({what})", code, reason) from None
-                if isinstance(exc, ValueError):
-                    # The client could not read the answer into its models.
-                    raise KubernetesError(f"{what}: unreadable answer: {_one_line(str(exc))}") from None
-                raise
-            attempt += 1
-            delay = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF)
-            if attempt > retries or time.monotonic() + delay > deadline:
-                raise KubernetesUnavailable(f"{api_message(exc)} ({what}: gave up after {attempt} attempts)") from None
-            task_logger().warning(
-                "%s: %s; trying again in %.1fs (%d of %d)", what, api_message(exc), delay, attempt, retries
-            )
-            time.sleep(delay)
+    """One API call, tried again on transient errors (core.retry.call_with_backoff)."""
+    return call_with_backoff(
+        what, fn, deadline=deadline, retries=retries, backoff=backoff, max_backoff=MAX_BACKOFF,
+        transient=is_transient_api_error, describe=api_message, permanent=_permanent(what),
+        unavailable=KubernetesUnavailable, unwrap=_unwrap,
+    )
 
 
 def _request(
