@@ -205,6 +205,26 @@ class GoogleApis(_Section):
         return self
 
 
+class ShutdownSettings(_Section):
+    """The weekend shutdown of a gke site."""
+
+    # scale-to-zero: user servers stopped, both pools set to 0 nodes, disks and cluster kept.
+    # destroy: every disk snapshotted, then pools and cluster destroyed (the cluster fee stops too).
+    mode: Literal["scale-to-zero", "destroy"] = "scale-to-zero"
+    # A scheduled destroy runs with nobody to approve it: say so here, or it waits for approval.
+    approve_destroy: bool = False
+
+
+class Prices(_Section):
+    """Hourly prices for the shutdown's cost artifact (from the provider's price list; not fetched)."""
+
+    currency: str = "USD"
+    cluster_hour: Annotated[float, Field(ge=0)] = 0.10
+    node_hour: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=lambda: {"e2-standard-2": 0.067, "e2-standard-4": 0.134, "e2-highmem-2": 0.090}
+    )
+
+
 class GkeSettings(_Section):
     project: Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")]
     region: Annotated[str, Field(pattern=r"^[a-z]+-[a-z]+[0-9]+$")]
@@ -231,6 +251,8 @@ class GkeSettings(_Section):
     cluster_ready_timeout_seconds: Annotated[int, Field(ge=10, le=7200)] = 1800
     poll_seconds: Annotated[float, Field(gt=0, le=60)] = 10
     apis: GoogleApis = GoogleApis()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    prices: Prices = Prices()
     # Zero-to-JupyterHub, pinned; a mirror of the public chart repository may replace it.
     chart_repository: Annotated[str, Field(pattern=r"^https?://")] = "https://hub.jupyter.org/helm-chart/"
     chart_version: Annotated[str, Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+")] = "4.4.0"

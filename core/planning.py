@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -235,3 +236,47 @@ def plan_release(release_hash_now: str, facts: ReleaseFacts) -> tuple[HubAction,
     if facts.deployed_hash != release_hash_now:
         return "restart", f"revision {facts.deployed_revision} differs ({(facts.deployed_hash or 'no hash')[:12]} -> {release_hash_now[:12]}): upgrade"
     return "unchanged", f"revision {facts.deployed_revision} already is {release_hash_now[:12]}: nothing to do"
+
+
+def hours_off(teardown_cron: str, restore_cron: str, timezone: str, *, after: datetime | None = None) -> float:
+    """Hours between a scheduled teardown and the restore that follows it (pure; the same
+    cron parser Prefect's schedules use)."""
+    from zoneinfo import ZoneInfo
+
+    from cronsim import CronSim
+
+    start = (after or datetime(2026, 1, 5, tzinfo=UTC)).astimezone(ZoneInfo(timezone))
+    down = next(CronSim(teardown_cron, start))
+    up = next(CronSim(restore_cron, down))
+    return (up - down).total_seconds() / 3600
+
+
+@dataclass(frozen=True)
+class Savings:
+    hours: float
+    node_hours: float
+    cluster_hours: float
+    amount: float
+    currency: str
+    lines: list[str]
+
+
+def shutdown_savings(pools: dict[str, tuple[str, int]], hours: float, mode: str, prices) -> Savings:
+    """What a weekend shutdown saves: every node of every pool for ``hours``, and the
+    cluster fee too when the cluster is destroyed (pure; prices from the site file)."""
+    lines, amount, node_hours = [], 0.0, 0.0
+    for pool, (machine, nodes) in sorted(pools.items()):
+        price = prices.node_hour.get(machine)
+        saved = nodes * hours
+        node_hours += saved
+        cost = saved * price if price is not None else 0.0
+        amount += cost
+        lines.append(f"pool {pool}: {nodes} x {machine} for {hours:.0f} h = {saved:.0f} node-hours"
+                     + (f" = {cost:.2f} {prices.currency}" if price is not None else " (no price for it in gke.prices.node_hour)"))
+    cluster_hours = hours if mode == "destroy" else 0.0
+    if cluster_hours:
+        amount += cluster_hours * prices.cluster_hour
+        lines.append(f"cluster fee: {cluster_hours:.0f} h = {cluster_hours * prices.cluster_hour:.2f} {prices.currency}")
+    else:
+        lines.append("cluster fee: still paid (scale-to-zero keeps the cluster)")
+    return Savings(hours, node_hours, cluster_hours, round(amount, 2), prices.currency, lines)

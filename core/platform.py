@@ -102,3 +102,6 @@ class Platform(Protocol):
     def write_mark(self, phase: str, point_id: str) -> None: ...
 
     def clear_mark(self) -> None: ...
+
+    def shutdown_savings(self) -> list[str]:
+        """What the weekend shutdown saves, as lines for its cost artifact (none where nothing is billed)."""

@@ -108,7 +108,7 @@ class RestorePoint(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     id: str
-    path: Path
+    path: Path | str  # a folder on this machine, or a gs:// prefix of the gke target
     complete: bool
 
 

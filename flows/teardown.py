@@ -96,6 +96,9 @@ def teardown(site: str = "local", dry_run: bool = False) -> TeardownReport | Flo
         platform.write_mark("torn-down", point_id)
         checkpoint("teardown", "delete")
         pruned = platform.prune_restore_points(protect={point_id})
+        if savings := platform.shutdown_savings():
+            publish(the_site, "teardown-cost", [f"# teardown: {the_site.name}: what the weekend shutdown saves", "", *[f"- {line}" for line in savings]],
+                    f"cost saved by the shutdown of {the_site.name}")
         return _publish(the_site, TeardownReport(
             site=the_site.name, restore_point=point_id, users=kept.users, files=kept.files,
             bytes=kept.bytes, seconds=time.monotonic() - started, pruned=pruned,

@@ -1,10 +1,10 @@
 """The gke target: Google Kubernetes Engine, provisioned by Terraform.
 
-Built so far: provision-cluster (terraform plan -> approval when destructive ->
-apply -> the cluster and its pools ready through GKE's API -> a kubeconfig), and
-build-image / test-notebooks with the image in the site's Artifact Registry.
-Every other lifecycle step refuses with one line until deploy-hub and the
-weekend shutdown on GKE fill it in.
+Built: provision-cluster (terraform plan -> approval when destructive -> apply ->
+the cluster and its pools ready through GKE's API -> a kubeconfig); build-image /
+test-notebooks with the image in the site's Artifact Registry; deploy-hub (Helm,
+Zero-to-JupyterHub, secrets from Vault); the weekend shutdown in scale-to-zero mode.
+Not yet: the shutdown's destroy mode (disk snapshots, terraform destroy).
 """
 
 from __future__ import annotations
@@ -19,24 +19,30 @@ from core.hub_values import HUB_RELEASE, INGRESS_RELEASE, chart_source, ingress_
 from core.logs import task_logger
 from core.models import (
     Check,
+    DataFacts,
     HubAccess,
     HubDeployment,
     HubPlan,
     HubSpec,
     HubState,
+    ImageRef,
     InfraPlan,
     PlannedStep,
     ProvisionReport,
     RegistryAccess,
     RegistryLogin,
+    RestorePointSummary,
+    UserRestore,
 )
-from core.planning import ReleaseFacts, plan_release, release_hash
+from core.planning import ReleaseFacts, hours_off, plan_release, release_hash, shutdown_savings
+from core.restore_points import RestorePoint, TeardownMark, plan_prune
 from core.platform import TargetNotReady
 from core.secrets import HubSecrets
 from core.state import load_state, update_state
+from tasks.gcs import RestorePointStore, storage_client
 from tasks.terraform import PlanSummary, Terraform
 
-READY = frozenset({"provision-cluster", "build-image", "test-notebooks", "deploy-hub", "release"})
+READY = frozenset({"provision-cluster", "build-image", "test-notebooks", "deploy-hub", "release", "stop-hub", "teardown", "restore"})
 VERBS = {"add": "create", "change": "update", "replace": "replace", "destroy": "delete"}
 # The outputs later flows use; none of them is a secret.
 PUBLIC_OUTPUTS = ("cluster_name", "location", "endpoint", "static_ip", "static_ip_name", "registry", "core_pool", "user_pool")
@@ -93,8 +99,12 @@ class GkePlatform:
         self._plan: PlanSummary | None = None
         self._hub_secrets: HubSecrets | None = None
         self._release_plan: ReleaseFacts | None = None
+        self._points: RestorePointStore | None = None
 
     def not_ready(self, flow: str) -> str | None:
+        if flow in ("teardown", "restore") and self.gke.shutdown.mode == "destroy":
+            return (f"site {self.site.name}: target gke: {flow} in gke.shutdown.mode destroy (snapshots, then terraform "
+                    "destroy) is not built yet; scale-to-zero is")
         if flow in READY:
             return None
         return (
@@ -188,10 +198,17 @@ class GkePlatform:
             self._hub_secrets = read_hub_secrets(vault_access(self.site.config.vault))
         return self._hub_secrets
 
-    def _release_facts(self) -> ReleaseFacts:
-        from tasks.kubernetes import api_from_kubeconfig, helm_releases, stuck_release
+    def _revisions(self, release: str) -> list:
+        """Every stored revision of ``release`` (tasks.kubernetes.HelmRevision), oldest first."""
+        from tasks.kubernetes import api_from_kubeconfig, helm_releases
 
-        revisions = helm_releases(api_from_kubeconfig(self._kubeconfig()), self.gke.namespace, HUB_RELEASE)
+        with api_from_kubeconfig(self._kubeconfig()) as api:
+            return helm_releases(api, self.gke.namespace, release)
+
+    @staticmethod
+    def _facts_of(revisions: list) -> ReleaseFacts:
+        from tasks.kubernetes import stuck_release
+
         deployed = max((r for r in revisions if r.status == "deployed"), key=lambda r: r.revision, default=None)
         stuck = stuck_release(revisions)
         olab = ((deployed.values.get("custom") or {}).get("olab") or {}) if deployed else {}
@@ -201,6 +218,9 @@ class GkePlatform:
             stuck_revision=stuck.revision if stuck else None,
             stuck_status=stuck.status if stuck else None,
         )
+
+    def _release_facts(self, release: str = HUB_RELEASE) -> ReleaseFacts:
+        return self._facts_of(self._revisions(release))
 
     def _chart_schema(self) -> tuple[dict, dict]:
         """The pinned chart's own schema and defaults (pulled once per version)."""
@@ -212,13 +232,22 @@ class GkePlatform:
             pull_chart(chart, repo, version, folder, helm=find_helm(self.gke.helm))
         return chart_schema_and_defaults(folder / chart)
 
-    def _layers(self, spec: HubSpec) -> tuple[dict, dict, str]:
-        """(site layer carrying its release hash, secrets layer, release hash), checked against
-        the chart's schema: a typo stops here, before helm or the cluster is touched."""
-        from tasks.helm import ValuesRejected, base_values_file, load_layers
+    def _layers(self, spec: HubSpec) -> tuple[dict, dict, dict, str]:
+        """(site layer carrying its release hash, secrets layer, ingress layer, release hash), checked
+        against the charts' schemas: a typo stops here, before helm or the cluster is touched.
+
+        The release hash covers both releases olab deploys (the hub's and the ingress's: its
+        values and its chart's files), so that a change to either is an upgrade."""
+        from core.files import content_hash
+        from core.hub_values import schema_problems
+        from tasks.helm import ValuesRejected, base_values_file, chart_schema_and_defaults, ingress_chart, load_layers
 
         base = load_layers([base_values_file(self.site.project)])[0]
         site_layer = z2jh_values(self.site, spec, base=base)
+        ingress_layer = ingress_values(self.site, static_ip_name=self._static_ip_name())
+        chart_dir = ingress_chart(self.site.project)
+        ingress_files = sorted(p for p in chart_dir.rglob("*") if p.is_file())
+        ingress_digest = content_hash((p.relative_to(chart_dir).as_posix(), p.read_bytes()) for p in ingress_files)
         secrets = self._secrets()
         plain = {name: getattr(secrets, name).get_secret_value() for name in type(secrets).model_fields}
         extra = {k: (v.get_secret_value() if hasattr(v, "get_secret_value") else str(v)) for k, v in (secrets.__pydantic_extra__ or {}).items()}
@@ -226,23 +255,59 @@ class GkePlatform:
         secret_layer = secrets_layer(spec, plain, lti_client_ids=client_ids)
         chart, _, version = chart_source(self.site)
         digest = sha256_bytes(json.dumps(secret_layer, sort_keys=True).encode())
-        release = release_hash(chart, version, [base, site_layer], digest, spec.image.digest)
+        ingress = {INGRESS_RELEASE: {"chart": ingress_digest, "values": ingress_layer}}
+        release = release_hash(chart, version, [base, site_layer, ingress], digest, spec.image.digest)
         # Kept with the release (its values), so the next deploy can tell "nothing to do".
         site_layer.setdefault("custom", {})["olab"] = {"releaseHash": release, "site": self.site.name}
         problems = validate_values(merge_values(base, site_layer, secret_layer), *self._chart_schema())
+        problems += [f"{INGRESS_RELEASE}: {p}" for p in schema_problems(ingress_layer, *chart_schema_and_defaults(chart_dir))]
         if problems:
             raise ValuesRejected(problems)
-        return site_layer, secret_layer, release
+        return site_layer, secret_layer, ingress_layer, release
+
+    def _ingress_behind(self, ingress_layer: dict) -> str | None:
+        """Why the ingress release is not what this deploy would make it (None: it is): a
+        deploy that failed after the hub's release was upgraded leaves it so."""
+        revisions = self._revisions(INGRESS_RELEASE)
+        facts = self._facts_of(revisions)
+        if facts.stuck_revision is not None:
+            return f"release {INGRESS_RELEASE}: revision {facts.stuck_revision} is stuck in {facts.stuck_status}"
+        if facts.deployed_revision is None:
+            return f"release {INGRESS_RELEASE} is not deployed"
+        deployed = next(r for r in revisions if r.revision == facts.deployed_revision)
+        if deployed.values != json.loads(json.dumps(ingress_layer)):
+            return f"release {INGRESS_RELEASE}: revision {deployed.revision} has other values"
+        return None
 
     def plan_hub(self, spec: HubSpec) -> HubPlan:
-        _, _, release = self._layers(spec)
+        _, _, ingress_layer, release = self._layers(spec)
         facts = self._release_facts()
         action, reason = plan_release(release, facts)
         self._release_plan = facts
+        if action == "unchanged" and (behind := self._ingress_behind(ingress_layer)):
+            action, reason = "restart", f"{behind}: upgrade it (release {HUB_RELEASE}: {reason})"
         return HubPlan(action=action, config_hash=release, url=self.gke.url, reason=reason)
 
+    def _unstick(self, helm, release: str, facts: ReleaseFacts) -> None:
+        """Undo a revision left pending (a deploy that was killed): helm refuses to upgrade
+        ("another operation is in progress") until it is rolled back, or removed if nothing was
+        ever deployed."""
+        from tasks.helm import rollback_argv, run_helm, uninstall_argv
+
+        if facts.stuck_revision is None:
+            return
+        namespace, timeout, kubeconfig = self.gke.namespace, self.gke.helm_timeout_seconds, self._kubeconfig()
+        task_logger().warning("release %s: revision %d is stuck in %s (a deploy that was killed); %s", release,
+                              facts.stuck_revision, facts.stuck_status,
+                              f"rolling back to revision {facts.deployed_revision}" if facts.deployed_revision else "removing it")
+        if facts.deployed_revision:
+            argv = rollback_argv(helm, release, facts.deployed_revision, namespace=namespace, timeout_seconds=timeout, kubeconfig=kubeconfig)
+        else:
+            argv = uninstall_argv(helm, release, namespace=namespace, timeout_seconds=timeout, kubeconfig=kubeconfig)
+        run_helm(helm, argv, "rollback" if facts.deployed_revision else "uninstall", timeout=timeout + 60)
+
     def apply_hub(self, spec: HubSpec, plan: HubPlan) -> HubDeployment:
-        from tasks.helm import base_values_file, checked_upgrade_argv, find_helm, ingress_chart, rollback_argv, run_helm, uninstall_argv, write_values
+        from tasks.helm import base_values_file, checked_upgrade_argv, find_helm, ingress_chart, run_helm, write_values
         from tasks.vault import helm_secret_values
 
         started = datetime.now(UTC)
@@ -252,41 +317,41 @@ class GkePlatform:
         helm = find_helm(self.gke.helm)
         kubeconfig = self._kubeconfig()
         namespace, timeout = self.gke.namespace, self.gke.helm_timeout_seconds
-        site_layer, secret_layer, release = self._layers(spec)
+        site_layer, secret_layer, ingress_layer, release = self._layers(spec)
         if release != plan.config_hash:
             raise RuntimeError("the hub's values changed between its plan and its apply; run deploy again")
         facts = self._release_plan or self._release_facts()
-        if facts.stuck_revision is not None:
-            # helm refuses to upgrade ("another operation is in progress") until this is undone.
-            logger.warning("release %s: revision %d is stuck in %s (a deploy that was killed); %s", HUB_RELEASE,
-                           facts.stuck_revision, facts.stuck_status,
-                           f"rolling back to revision {facts.deployed_revision}" if facts.deployed_revision else "removing it")
-            if facts.deployed_revision:
-                argv = rollback_argv(helm, HUB_RELEASE, facts.deployed_revision, namespace=namespace, timeout_seconds=timeout, kubeconfig=kubeconfig)
-            else:
-                argv = uninstall_argv(helm, HUB_RELEASE, namespace=namespace, timeout_seconds=timeout, kubeconfig=kubeconfig)
-            run_helm(helm, argv, "rollback" if facts.deployed_revision else "uninstall", timeout=timeout + 60)
         work = self.site.paths.runtime / "helm"
-        site_file = write_values(work / "site.yaml", site_layer)
-        chart, repo, version = chart_source(self.site)
-        schema, defaults = self._chart_schema()
-        with helm_secret_values(secret_layer) as secrets_file:
-            argv = checked_upgrade_argv(
-                helm, HUB_RELEASE, chart, repo=repo, version=version,
-                values_files=[base_values_file(self.site.project), site_file, secrets_file],
-                schema=schema, defaults=defaults, namespace=namespace, timeout_seconds=timeout, kubeconfig=kubeconfig,
-            )
-            try:
-                run_helm(helm, argv, "upgrade --install", timeout=timeout + 60)
-            except Exception as exc:
-                raise RuntimeError(f"{exc}{self._failure_report()}") from None
+        if facts.stuck_revision is None and facts.deployed_hash == release:
+            # Only the ingress release is behind (plan_hub said why): the hub's stays as it is.
+            logger.info("release %s: revision %d already is %s; not upgraded", HUB_RELEASE, facts.deployed_revision, release[:12])
+        else:
+            self._unstick(helm, HUB_RELEASE, facts)
+            site_file = write_values(work / "site.yaml", site_layer)
+            chart, repo, version = chart_source(self.site)
+            schema, defaults = self._chart_schema()
+            with helm_secret_values(secret_layer) as secrets_file:
+                argv = checked_upgrade_argv(
+                    helm, HUB_RELEASE, chart, repo=repo, version=version,
+                    values_files=[base_values_file(self.site.project), site_file, secrets_file],
+                    schema=schema, defaults=defaults, namespace=namespace, timeout_seconds=timeout, kubeconfig=kubeconfig,
+                )
+                try:
+                    run_helm(helm, argv, "upgrade --install", timeout=timeout + 60)
+                except Exception as exc:
+                    raise RuntimeError(f"{exc}{self._failure_report()}") from None
+        self._unstick(helm, INGRESS_RELEASE, self._release_facts(INGRESS_RELEASE))
         chart_dir = ingress_chart(self.site.project)
-        ingress_file = write_values(work / "ingress.yaml", ingress_values(self.site, static_ip_name=self._static_ip_name()))
-        run_helm(helm, checked_upgrade_argv(
+        ingress_file = write_values(work / "ingress.yaml", ingress_layer)
+        argv = checked_upgrade_argv(
             helm, INGRESS_RELEASE, chart_dir, repo=None, version=None, values_files=[ingress_file],
             schema=json.loads((chart_dir / "values.schema.json").read_text()), defaults={}, hub_rules=False,
             namespace=namespace, timeout_seconds=timeout, kubeconfig=kubeconfig,
-        ), "upgrade --install (ingress)", timeout=timeout + 60)
+        )
+        try:
+            run_helm(helm, argv, "upgrade --install (ingress)", timeout=timeout + 60)
+        except Exception as exc:
+            raise RuntimeError(f"{exc}{self._failure_report()}") from None
         return HubDeployment(url=plan.url, config_hash=release, image=spec.image, started_at=started, action=plan.action)
 
     def _static_ip_name(self) -> str:
@@ -297,11 +362,11 @@ class GkePlatform:
         try:
             from tasks.kubernetes import api_from_kubeconfig, failing_pods, pod_events
 
-            api = api_from_kubeconfig(self._kubeconfig())
             lines = []
-            for problem in failing_pods(api, self.gke.namespace)[:5]:
-                lines.append(f"pod {problem.pod}: {problem.phase} {problem.reason} {problem.message}".rstrip())
-                lines += [f"  {event}" for event in pod_events(api, self.gke.namespace, problem.pod)[-3:]]
+            with api_from_kubeconfig(self._kubeconfig()) as api:
+                for problem in failing_pods(api, self.gke.namespace)[:5]:
+                    lines.append(f"pod {problem.pod}: {problem.phase} {problem.reason} {problem.message}".rstrip())
+                    lines += [f"  {event}" for event in pod_events(api, self.gke.namespace, problem.pod)[-3:]]
             return ("; failing pods:\n" + "\n".join(lines)) if lines else ""
         except Exception as exc:  # the report must not hide helm's own error
             return f"; (the pods could not be read: {exc})"
@@ -321,46 +386,165 @@ class GkePlatform:
     def hub_access(self) -> HubAccess:
         return HubAccess(url=self.gke.url, token=self._secrets().api_token)
 
-    # Not built yet on GKE: the weekend shutdown.
+    # The weekend shutdown. scale-to-zero: the pools go to 0 nodes, disks and cluster stay;
+    # the restore point (in the state bucket) records the claims and the image to come back to.
+    def _store(self) -> RestorePointStore:
+        if self._points is None:
+            prefix = backend_settings(self.site)["prefix"]
+            self._points = RestorePointStore(storage_client(self.gke.apis, self.gke.project), self.gke.terraform_state_bucket, prefix)
+        return self._points
 
-    def stop_hub(self):
-        self._refuse("stop-hub")
+    def _clusters(self):
+        from tasks.gke import cluster_manager
 
-    def data_facts(self):
-        self._refuse("teardown")
+        return cluster_manager(self.gke.apis)
 
-    def check_backup_room(self, needed_bytes):
-        self._refuse("teardown")
+    def _pool_names(self) -> dict[str, str]:
+        infra = load_state(self.site).infra
+        return {"core": infra.get("core_pool", "core"), "user": infra.get("user_pool", "user")}
 
-    def save_user_data(self, point_id, users):
-        self._refuse("teardown")
+    def _resize(self, pool: str, nodes: int) -> None:
+        from tasks.gke import set_pool_size
 
-    def verify_user_data(self, point_id):
-        self._refuse("teardown")
+        name = self._pool_names()[pool]
+        task_logger().info("pool %s of cluster %s: %d nodes", name, self.gke.cluster_name, nodes)
+        set_pool_size(self._clusters(), self.gke.project, self.gke.location, self.gke.cluster_name, name, nodes,
+                      timeout=float(self.gke.cluster_ready_timeout_seconds), poll=float(self.gke.poll_seconds))
 
-    def release_runtime(self):
-        self._refuse("teardown")
+    def _claims(self):
+        from tasks.kubernetes import api_from_kubeconfig, user_claims
 
-    def restore_points(self):
-        return []
+        return user_claims(api_from_kubeconfig(self._kubeconfig()), self.gke.namespace)
 
-    def prune_restore_points(self, protect):
-        self._refuse("teardown")
+    def _destroy_mode(self, flow: str) -> None:
+        if self.gke.shutdown.mode == "destroy":
+            raise TargetNotReady(f"site {self.site.name}: gke.shutdown.mode destroy: {flow} by snapshots is not built yet; use scale-to-zero")
 
-    def bring_back_user_data(self, point_id):
-        self._refuse("restore")
+    def stop_hub(self) -> bool:
+        """Every user server stopped through the hub, then the core pool (hub, proxy) at 0 nodes."""
+        from tasks.hub_api import hub_version, stop_user_servers
 
-    def swap_in_restored(self):
-        self._refuse("restore")
+        running = hub_version(self.gke.url) is not None
+        if running:
+            stop_user_servers(self.hub_access(), float(self.site.config.hub.start_timeout_seconds))
+        self._resize("core", 0)
+        return running
 
-    def restore_point_image(self, point_id):
-        self._refuse("restore")
+    def data_facts(self) -> DataFacts:
+        mark = self.read_mark()
+        if mark is not None and mark.phase == "torn-down":
+            return DataFacts(exists=False, where=f"cluster {self.gke.cluster_name}")
+        claims = [c for c in self._claims() if c.kind == "user"]
+        return DataFacts(
+            exists=self._release_facts().deployed_revision is not None,
+            users=sorted(c.username or c.claim for c in claims), files=len(claims),
+            bytes=sum(_gib(c.size) for c in claims), where=f"cluster {self.gke.cluster_name}",
+        )
 
-    def read_mark(self):
-        return None
+    def check_backup_room(self, needed_bytes: int) -> None:
+        self._store().check()
 
-    def write_mark(self, phase, point_id):
-        self._refuse("teardown")
+    def save_user_data(self, point_id: str, users: list[str]) -> RestorePointSummary:
+        self._destroy_mode("teardown")
+        state = load_state(self.site)
+        image = state.hub.image if state.hub else state.image
+        claims = self._claims()
+        manifest = {
+            "schema_version": 1, "id": point_id, "site": self.site.name, "mode": self.gke.shutdown.mode,
+            "created": datetime.now(UTC).isoformat(), "cluster": self.gke.cluster_name, "location": self.gke.location,
+            "pools": {pool: {"name": name, "nodes_after_restore": self._restore_size(pool)} for pool, name in self._pool_names().items()},
+            "claims": [c.model_dump(mode="json") for c in claims],
+            "image_ref": image.model_dump(mode="json") if image else None,
+            "release_hash": self._release_facts().deployed_hash,
+        }
+        self._store().write_manifest(point_id, manifest)
+        user_claims = [c for c in claims if c.kind == "user"]
+        return RestorePointSummary(id=point_id, users=sorted(c.username or c.claim for c in user_claims), files=len(user_claims),
+                                   bytes=sum(_gib(c.size) for c in user_claims), image=image)
 
-    def clear_mark(self):
-        self._refuse("restore")
+    def _restore_size(self, pool: str) -> int:
+        settings = self.gke.core_pool if pool == "core" else self.gke.user_pool
+        return max(settings.min_nodes, 1) if pool == "core" else settings.min_nodes
+
+    def verify_user_data(self, point_id: str) -> None:
+        manifest = self._store().read_manifest(point_id)
+        named = {c["claim"] for c in manifest.get("claims", [])}
+        missing = sorted({c.claim for c in self._claims()} - named)
+        if missing:
+            raise RuntimeError(f"restore point {point_id} does not name the claims {', '.join(missing)}")
+        self._store().mark_complete(point_id)
+
+    def release_runtime(self) -> None:
+        self._destroy_mode("teardown")
+        self._resize("user", 0)
+        self._resize("core", 0)
+
+    def restore_points(self) -> list[RestorePoint]:
+        return self._store().points()
+
+    def prune_restore_points(self, protect: set[str]) -> list[str]:
+        doomed = plan_prune(self.restore_points(), self.site.config.backups.keep, protect)
+        for point in doomed:
+            self._store().delete_point(point.id)
+        return [p.id for p in doomed]
+
+    def bring_back_user_data(self, point_id: str) -> list[UserRestore]:
+        """The pools back at their sizes, the cluster ready, and every claim still bound to
+        the disk the restore point names."""
+        from tasks.gke import wait_until_ready
+
+        manifest = self._store().read_manifest(point_id)
+        if manifest.get("mode") != "scale-to-zero":
+            self._destroy_mode("restore")
+        for pool in ("core", "user"):
+            self._resize(pool, int(manifest["pools"][pool]["nodes_after_restore"]))
+        wait_until_ready(self._clusters(), self.gke.project, self.gke.location, self.gke.cluster_name,
+                         [p["name"] for p in manifest["pools"].values()],
+                         timeout=float(self.gke.cluster_ready_timeout_seconds), poll=float(self.gke.poll_seconds))
+        now = {c.claim: c for c in self._claims()}
+        restored = []
+        for kept in manifest["claims"]:
+            current = now.get(kept["claim"])
+            if current is None or current.phase != "Bound" or (current.disk and current.disk.model_dump(mode="json")) != kept.get("disk"):
+                raise RuntimeError(f"claim {kept['claim']} is not bound to the disk restore point {point_id} names")
+            if kept["kind"] == "user":
+                restored.append(UserRestore(user=kept.get("username") or kept["claim"], files=1, bytes=_gib(kept.get("size", "")), verified=True))
+        return restored
+
+    def swap_in_restored(self) -> None:
+        """Nothing to swap: with scale-to-zero the disks never left their claims."""
+
+    def restore_point_image(self, point_id: str) -> ImageRef | None:
+        image = self._store().read_manifest(point_id).get("image_ref")
+        return ImageRef.model_validate(image) if image else None
+
+    def read_mark(self) -> TeardownMark | None:
+        return self._store().read_mark()
+
+    def write_mark(self, phase: str, point_id: str) -> None:
+        self._store().write_mark(phase, point_id)
+
+    def clear_mark(self) -> None:
+        self._store().clear_mark()
+
+    def shutdown_savings(self) -> list[str]:
+        """The cost artifact's lines: node-hours (and in destroy mode cluster-hours) the schedule saves."""
+        schedules = self.site.config.schedules
+        hours = hours_off(schedules.teardown, schedules.restore, schedules.timezone)
+        pools = {
+            "core": (self.gke.core_pool.machine_type, max(self.gke.core_pool.min_nodes, 1)),
+            "user": (self.gke.user_pool.machine_type, self.gke.user_pool.max_nodes),
+        }
+        saved = shutdown_savings(pools, hours, self.gke.shutdown.mode, self.gke.prices)
+        return [f"{saved.hours:.0f} hours off a week ({schedules.teardown} to {schedules.restore}, {schedules.timezone})",
+                *saved.lines, f"saved per weekend: up to {saved.amount:.2f} {saved.currency} (user pool at its maximum)"]
+
+
+def _gib(size: str) -> int:
+    """Bytes of a Kubernetes quantity such as 10Gi (0 when there is none)."""
+    import re
+
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", size or "")
+    if not match:
+        return 0
+    return int(match.group(1)) * {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}[match.group(2)]

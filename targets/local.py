@@ -170,3 +170,6 @@ class LocalPlatform:
 
     def clear_mark(self) -> None:
         clear_mark(self.site)
+
+    def shutdown_savings(self) -> list[str]:
+        return []  # this machine is not billed by the hour

@@ -81,12 +81,10 @@ def test_missing_site_names_the_known_ones(capsys):
     assert "local" in errors[0]
 
 
-def test_gke_site_is_valid_but_its_lifecycle_is_refused_in_one_line(capsys):
-    code, errors, _ = run_cli(capsys, "teardown", "--site", "example-gke")
+def test_what_a_gke_site_cannot_do_is_refused_in_one_line(capsys):
+    code, errors, _ = run_cli(capsys, "credentials", "--site", "example-gke")
     assert code == 2
-    assert len(errors) == 1
-    assert errors[0].startswith(f"{REPO / 'sites' / 'example-gke.yaml'}: site example-gke: target gke: ")
-    assert "not built yet" in errors[0]
+    assert errors == [f"{REPO / 'sites' / 'example-gke.yaml'}: olab credentials is for local sites (this one's target is gke)"]
 
 
 def test_site_option_may_come_before_or_after_the_command(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -42,12 +43,17 @@ def tree_digest(*roots: Path) -> dict[str, tuple]:
                 if str(path.relative_to(root)).startswith(LIVE_HUB_FILES):
                     continue
                 st = path.lstat()
-                content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() and not path.is_symlink() else ""
+                if stat.S_ISDIR(st.st_mode):
+                    # A folder's own mtime moves with any entry made or removed in it (the
+                    # database's journal, above); its entries are compared one by one.
+                    found[str(path)] = (st.st_mode,)
+                    continue
+                content = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else ""
                 found[str(path)] = (st.st_mode, st.st_size, st.st_mtime_ns, content)
     return found
 
 
-def settled_digest(*roots: Path, quiet: float = 3.0, limit: float = 60.0) -> dict[str, tuple]:
+def settled_digest(*roots: Path, quiet: float = 2.0, limit: float = 60.0) -> dict[str, tuple]:
     """The digest once nothing has changed for ``quiet`` seconds: a user server the health check
     stopped may still be finishing its last writes (kernel history, runtime files) on a busy machine."""
     deadline = time.monotonic() + limit

@@ -153,6 +153,10 @@ class RecordingPlatform:
         self._call("clear_mark")
         self.mark = None
 
+    def shutdown_savings(self) -> list[str]:
+        self._call("shutdown_savings")
+        return ["60 hours off a week (recorded)"]
+
 
 @pytest.fixture
 def recorded(make_site, one_lab, monkeypatch):
@@ -196,7 +200,7 @@ def test_the_lifecycle_runs_through_the_seam_alone(recorded):
     assert take(platform) == [
         "data_facts", "read_mark", "check_backup_room:40", "hub_state", "hub_access", "stop_hub",
         "save_user_data", "verify_user_data", "write_mark:deleting", "release_runtime", "write_mark:torn-down",
-        "prune_restore_points",
+        "prune_restore_points", "shutdown_savings",
     ]
 
     back = restore(site=str(path))
