@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,10 +82,16 @@ def ingress_chart(project: Path) -> Path:
 
 
 def find_helm(path: str | os.PathLike | None = None, *, env: Mapping[str, str] | None = None, timeout: float = 60) -> Helm:
-    """The helm at ``path`` or on PATH, checked: version 3 or 4, and its rollback flag."""
-    binary = str(path) if path else shutil.which("helm", path=(env or os.environ).get("PATH"))
+    """The helm at ``path`` (a path, or a name looked up on PATH as a shell would: the
+    site's default ``gke.helm`` is ``helm``), else ``helm`` on PATH, checked: version 3
+    or 4, and its rollback flag."""
+    name = os.fspath(path) if path else "helm"
+    search = (env or os.environ).get("PATH")
+    # A bare name is a command on PATH, never a file of the working directory (the
+    # project's own helm/ folder, say).
+    binary = name if os.sep in name else shutil.which(name, path=search)
     if not binary or not (Path(binary).is_file() and os.access(binary, os.X_OK)):
-        where = f"{path} is not an executable" if path else "helm is not installed or not on PATH"
+        where = f"{name} is not an executable" if os.sep in name else f"{name} is not installed or not on PATH"
         raise ToolMissing(f"{where}; {INSTALL_HINT}")
     try:
         version = run([binary, "version", "--template", "{{.Version}}"], env=env, timeout=timeout).output.strip()
@@ -210,14 +217,23 @@ def lint_messages(output: str) -> list[str]:
 
 
 def pull_chart(chart: str, repo: str, version: str, dest: Path, *, helm: Helm | None = None, timeout: float = 300) -> Path:
-    """The pinned chart unpacked into ``dest`` (its folder is returned)."""
+    """The pinned chart unpacked into ``dest`` (its folder is returned), whole or not at all:
+    it is unpacked beside, then moved in, replacing what an interrupted pull left (helm's
+    ``--untar`` refuses to unpack over an existing folder, so that would fail every later pull)."""
     helm = _helm(helm)
     dest.mkdir(parents=True, exist_ok=True)
-    argv = [helm.path, "pull", chart, "--repo", repo, "--version", version, "--untar", "--destination", str(dest)]
-    _run(helm, argv, "pull", timeout)
-    folder = dest / chart
-    if not (folder / "Chart.yaml").is_file():
-        raise HelmError(f"helm pull {chart} {version}: no chart in {folder}")
+    staging = Path(tempfile.mkdtemp(prefix=f".{chart}-{version}-", dir=dest))
+    try:
+        argv = [helm.path, "pull", chart, "--repo", repo, "--version", version, "--untar", "--destination", str(staging)]
+        _run(helm, argv, "pull", timeout)
+        if not (staging / chart / "Chart.yaml").is_file():
+            raise HelmError(f"helm pull {chart} {version}: no chart in {staging / chart}")
+        folder = dest / chart
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging / chart, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 
