@@ -42,7 +42,8 @@ from core.state import load_state, update_state
 from tasks.gcs import RestorePointStore, storage_client
 from tasks.terraform import PlanSummary, Terraform
 
-READY = frozenset({"provision-cluster", "build-image", "test-notebooks", "deploy-hub", "release", "stop-hub", "teardown", "restore"})
+# stop-hub is not among them: on GKE the hub stops with its pool, in the weekend shutdown.
+READY = frozenset({"provision-cluster", "build-image", "test-notebooks", "deploy-hub", "release", "teardown", "restore"})
 VERBS = {"add": "create", "change": "update", "replace": "replace", "destroy": "delete"}
 # The outputs later flows use; none of them is a secret.
 PUBLIC_OUTPUTS = ("cluster_name", "location", "endpoint", "static_ip", "static_ip_name", "registry", "core_pool", "user_pool")
@@ -421,13 +422,18 @@ class GkePlatform:
             raise TargetNotReady(f"site {self.site.name}: gke.shutdown.mode destroy: {flow} by snapshots is not built yet; use scale-to-zero")
 
     def stop_hub(self) -> bool:
-        """Every user server stopped through the hub, then the core pool (hub, proxy) at 0 nodes."""
+        """Every user server stopped through the hub; no pool is touched.
+
+        The core pool (hub, proxy) goes to 0 nodes in release_runtime, once a restore point is
+        COMPLETE and the mark says so: scaled down here, before the restore point, a teardown
+        killed after this step would leave a site no run could finish (its hub unreachable, yet
+        its release deployed: the rerun's teardown must stop user servers through that hub, and
+        restore finds no mark, so it only redeploys, which does not size the pools)."""
         from tasks.hub_api import hub_version, stop_user_servers
 
         running = hub_version(self.gke.url) is not None
         if running:
             stop_user_servers(self.hub_access(), float(self.site.config.hub.start_timeout_seconds))
-        self._resize("core", 0)
         return running
 
     def data_facts(self) -> DataFacts:
