@@ -17,6 +17,8 @@ per problem naming the key path. Everything here is pure: no files, no helm.
 
 from __future__ import annotations
 
+import json
+
 import copy
 import difflib
 import re
@@ -408,3 +410,34 @@ def _describe(error) -> list[str]:
     if kind in ("oneOf", "anyOf"):
         return [f"{where or '(top level)'}: matches none of the allowed forms ({kind})"]
     return [f"{where or '(top level)'}: fails the chart's schema ({kind})"]
+
+
+def _leaves(values: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(_leaves(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def values_diff(old: Mapping, new: Mapping, secret: Mapping, limit: int = 200) -> list[str]:
+    """What a deploy changes in a release's values, one line per key path (pure). Paths of
+    the secrets layer say only that a secret changed, never its value."""
+    before, after, hidden = _leaves(old), _leaves(new), set(_leaves(secret))
+    lines = []
+    for path in sorted(before.keys() | after.keys()):
+        if before.get(path) == after.get(path) and (path in before) == (path in after):
+            continue
+        if path in hidden or any(path.startswith(h + ".") for h in hidden):
+            what = "added" if path not in before else "removed" if path not in after else "changed"
+            lines.append(f"`{path}`: secret {what}")
+        elif path not in before:
+            lines.append(f"`{path}`: added `{json.dumps(after[path], default=str)}`")
+        elif path not in after:
+            lines.append(f"`{path}`: removed (was `{json.dumps(before[path], default=str)}`)")
+        else:
+            lines.append(f"`{path}`: `{json.dumps(before[path], default=str)}` -> `{json.dumps(after[path], default=str)}`")
+    return lines if len(lines) <= limit else [*lines[:limit], f"... and {len(lines) - limit} more"]

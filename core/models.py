@@ -146,6 +146,8 @@ class HubPlan(_Result):
     config_hash: str
     url: str
     reason: str
+    # What changes in the hub's settings, one line per setting, secrets never shown (where the target can tell).
+    changes: list[str] = []
 
 
 class HubState(_Result):

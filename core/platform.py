@@ -62,6 +62,10 @@ class Platform(Protocol):
     def hub_access(self) -> HubAccess:
         """The hub's URL and the olab service token for its REST API (where secrets come from)."""
 
+    def spawn_report(self, user: str) -> list[str]:
+        """What the target says about ``user``'s server (its pod's events, the hub's log): for a
+        failed health check's report."""
+
     def stop_hub(self) -> bool:
         """Stop the hub and every user server, keeping all data; whether one was running."""
 

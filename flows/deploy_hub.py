@@ -12,7 +12,7 @@ from core.planning import Refused, hub_spec
 from core.platform import Platform
 from core.state import load_state, update_state
 from flows._common import health_markdown, open_site, publish, publish_plan
-from tasks.hub_api import health_check
+from tasks.hub_api import HEALTH_USER, health_check
 from tasks.notebooks import discover_labs
 
 
@@ -24,9 +24,18 @@ class SiteTornDown(Refused):
     pass
 
 
+class HealthCheckFailed(RuntimeError):
+    pass
+
+
 def check_hub(site: Site, platform: Platform) -> HealthReport:
-    """The health check on the live hub, recorded in the site's state."""
-    report = health_check(platform.hub_access(), site.config.labs.health_check_lab, float(site.config.hub.start_timeout_seconds))
+    """The health check on the live hub, recorded in the site's state; a failure says what
+    the target saw of the test user's server (its pod's events, the hub's log)."""
+    try:
+        report = health_check(platform.hub_access(), site.config.labs.health_check_lab, float(site.config.hub.start_timeout_seconds))
+    except Exception as exc:
+        seen = platform.spawn_report(HEALTH_USER)
+        raise HealthCheckFailed(f"{exc}" + ("; the test user's server: " + " | ".join(seen) if seen else "")) from None
     update_state(site, health=report)
     return report
 
@@ -60,8 +69,13 @@ def deploy_hub(
         if dry_run:
             verb = {"start": "start", "restart": "restart", "unchanged": "leave"}[plan.action]
             steps = [PlannedStep(verb=verb, subject=f"the hub at {plan.url}", detail=plan.reason)]
+            steps += [PlannedStep(verb="update", subject=change) for change in plan.changes]
             steps.append(PlannedStep(verb="check" if check else "skip", subject="the hub's health"))
             return publish_plan(the_site, "deploy-hub", steps)
+        if plan.changes:
+            publish(the_site, "deploy-hub-diff", [f"# deploy-hub: {the_site.name}: what changes ({plan.action})", "",
+                                                  *[f"- {line}" for line in plan.changes]],
+                    f"deploy-hub on {the_site.name}: {len(plan.changes)} settings change")
         deployment = platform.apply_hub(spec, plan)
         update_state(the_site, hub=deployment)
         report = check_hub(the_site, platform) if check else None

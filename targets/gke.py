@@ -15,7 +15,17 @@ from pathlib import Path
 
 from core.config import GkeSettings, Site
 from core.files import sha256_bytes
-from core.hub_values import HUB_RELEASE, INGRESS_RELEASE, chart_source, ingress_values, merge_values, secrets_layer, validate_values, z2jh_values
+from core.hub_values import (
+    HUB_RELEASE,
+    INGRESS_RELEASE,
+    chart_source,
+    ingress_values,
+    merge_values,
+    secrets_layer,
+    validate_values,
+    values_diff,
+    z2jh_values,
+)
 from core.logs import task_logger
 from core.models import (
     Check,
@@ -281,13 +291,21 @@ class GkePlatform:
         return None
 
     def plan_hub(self, spec: HubSpec) -> HubPlan:
-        _, _, ingress_layer, release = self._layers(spec)
-        facts = self._release_facts()
+        from tasks.helm import base_values_file, load_layers
+
+        site_layer, secret_layer, ingress_layer, release = self._layers(spec)
+        revisions = self._revisions(HUB_RELEASE)
+        facts = self._facts_of(revisions)
         action, reason = plan_release(release, facts)
         self._release_plan = facts
         if action == "unchanged" and (behind := self._ingress_behind(ingress_layer)):
             action, reason = "restart", f"{behind}: upgrade it (release {HUB_RELEASE}: {reason})"
-        return HubPlan(action=action, config_hash=release, url=self.gke.url, reason=reason)
+        changes: list[str] = []
+        if action != "unchanged":
+            deployed = next((r.values for r in revisions if r.revision == facts.deployed_revision), {})
+            base = load_layers([base_values_file(self.site.project)])[0]
+            changes = values_diff(deployed, merge_values(base, site_layer, secret_layer), secret_layer)
+        return HubPlan(action=action, config_hash=release, url=self.gke.url, reason=reason, changes=changes)
 
     def _unstick(self, helm, release: str, facts: ReleaseFacts) -> None:
         """Undo a revision left pending (a deploy that was killed): helm refuses to upgrade
@@ -383,6 +401,18 @@ class GkePlatform:
             image=recorded.image if recorded else None, config_hash=facts.deployed_hash,
             detail=f"release {HUB_RELEASE} revision {facts.deployed_revision}" if running else "no deployed release",
         )
+
+    def spawn_report(self, user: str) -> list[str]:
+        """The user's pod (KubeSpawner names it jupyter-<escaped name>): its problem and events."""
+        from tasks.kubernetes import api_from_kubeconfig, pod_report
+
+        safe = "abcdefghijklmnopqrstuvwxyz0123456789"
+        pod = "jupyter-" + "".join(c if c in safe else "".join(f"-{b:02x}" for b in c.encode()) for c in user.lower())
+        try:
+            with api_from_kubeconfig(self._kubeconfig()) as api:
+                return pod_report(api, self.gke.namespace, pod)
+        except Exception as exc:  # the report must not hide the health check's own error
+            return [f"(the pod {pod} could not be read: {exc})"]
 
     def hub_access(self) -> HubAccess:
         return HubAccess(url=self.gke.url, token=self._secrets().api_token)
@@ -515,6 +545,13 @@ class GkePlatform:
                 raise RuntimeError(f"claim {kept['claim']} is not bound to the disk restore point {point_id} names")
             if kept["kind"] == "user":
                 restored.append(UserRestore(user=kept.get("username") or kept["claim"], files=1, bytes=_gib(kept.get("size", "")), verified=True))
+        if image := manifest.get("image_ref"):
+            # The site's image is the restore point's again, as a local restore brings back the
+            # site state it kept. A restore killed after it cleared its mark, run again, finds the
+            # site up and only makes sure the hub is deployed: with this image, the one the
+            # killed run deployed (without it, a hub deployed with an image given by hand has none
+            # recorded: "no image built yet", and the rerun never succeeds).
+            update_state(self.site, image=ImageRef.model_validate(image))
         return restored
 
     def swap_in_restored(self) -> None:

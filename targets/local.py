@@ -28,6 +28,7 @@ from core.models import (
 )
 from core.planning import plan_hub
 from core.restore_points import Manifest, RestorePoint, TeardownMark
+from core.runner import mask
 from core.secrets import SecretStore
 from core.state import clear_mark, load_state, read_mark, write_mark
 from tasks import backup, host, local_hub
@@ -112,6 +113,13 @@ class LocalPlatform:
     def hub_access(self) -> HubAccess:
         secrets = SecretStore(self.site.paths.secrets).load()
         return HubAccess(url=self.site.hub_url, token=secrets.api_token)
+
+    def spawn_report(self, user: str) -> list[str]:
+        log = local_hub.hub_log(self.site)
+        if not log.exists():
+            return []
+        lines = [line for line in log.read_text(errors="replace").splitlines() if user in line]
+        return [mask(line) for line in lines[-10:]]
 
     def stop_hub(self) -> bool:
         return local_hub.stop_hub(self.site) is not None

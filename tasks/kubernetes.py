@@ -336,6 +336,20 @@ def pod_events(
     return [event_line(e) for e in sorted(events.items, key=_event_time)]
 
 
+def pod_report(api: k8s.ApiClient, namespace: str, pod: str, *, events: int = 5) -> list[str]:
+    """One pod for a failure report: its problem (if it has one, or that it is missing) and
+    its last events."""
+    lines = []
+    try:
+        found = _request(f"read pod {pod}", k8s.CoreV1Api(api).read_namespaced_pod, pod, namespace,
+                         retries=2, backoff=0.5, deadline=None)
+        if problem := pod_problem(found):
+            lines.append(f"pod {pod}: {problem.phase} {problem.reason} {problem.message}".rstrip())
+    except KubernetesApiError as exc:
+        lines.append(f"pod {pod}: {exc}")
+    return lines + pod_events(api, namespace, pod)[-events:]
+
+
 # ---- Helm's release secrets ------------------------------------------------------------
 
 

@@ -181,6 +181,10 @@ def lab(tmp_path, bao, gcs, z2jh_repo, monkeypatch, caplog):  # noqa: F811 - the
         yield Lab(path=path, project=project, runtime=runtime, helm=fake_helm, kube=kube, hub=hub, vault=values)
 
 
+def lab_vault_address(lab: Lab) -> str:
+    return yaml.safe_load(lab.path.read_text())["vault"]["address"]
+
+
 def hub_argv(lab: Lab, secrets_file: str) -> list[str]:
     return [
         str(lab.helm.path), "upgrade", "olab", "jupyterhub", "--repo", lab_repo(lab), "--version", "4.4.0",
@@ -332,6 +336,28 @@ def test_a_new_image_digest_upgrades_the_hub(lab):
                              (2, "deployed", "jupyterhub-4.4.0", "Upgrade complete")]
     assert lab.values()["singleuser"]["image"]["tag"] == f"{newer.tag}@{newer.digest}"
     assert lab.values()["custom"]["olab"]["releaseHash"] == upgraded.config_hash
+    # The dry run listed, and the deploy published, what changed, setting by setting.
+    assert any(s.verb == "update" and s.subject.startswith("`singleuser.image.tag`") for s in plan.steps)
+    from tests.flows.test_lifecycle import latest_artifact
+
+    diff = latest_artifact(f"{lab.name}-deploy-hub-diff").data
+    assert f"`singleuser.image.tag`: `\"{image().tag}@{image().digest}\"` -> `\"{newer.tag}@{newer.digest}\"`" in diff
+    assert "custom.olab.releaseHash" in diff and "secret" not in diff
+
+
+def test_a_rotated_secret_is_deployed_and_shown_without_its_value(lab):
+    from tests.flows.test_lifecycle import latest_artifact
+
+    lab.deploy()
+    rotated = HubSecrets.generate()
+    init_hub_secrets(VaultSettings(address=lab_vault_address(lab), path=f"olab/{lab.name}", auth="token"),
+                     extra={"lti_client_id": lab.vault["lti_client_id"]}, force=True, secrets=rotated)
+    upgraded = lab.deploy(check=False)  # the fake hub still knows the old token
+    assert upgraded.action == "restart"
+    diff = latest_artifact(f"{lab.name}-deploy-hub-diff").data
+    assert "`hub.config.JupyterHub.cookie_secret`: secret changed" in diff
+    for value in (rotated.cookie_secret, rotated.api_token, rotated.proxy_auth_token):
+        assert value.get_secret_value() not in diff
 
 
 def test_a_stuck_release_is_rolled_back_before_the_upgrade(lab, caplog):
@@ -580,3 +606,15 @@ def test_a_domain_the_ingress_chart_refuses_stops_the_deploy_before_helm(lab):
     assert type(failed).__name__ == "ValuesRejected", failed
     assert any(line.startswith("olab-ingress: domains[0]: does not match") for line in str(failed).splitlines()), failed
     assert lab.helm.calls() == []
+
+
+def test_a_failed_health_check_says_what_the_test_users_pod_went_through(lab):
+    lab.hub.render_widgets = False  # the dashboard renders without its widgets
+    pod = "jupyter-olab-2dhealth"  # KubeSpawner's name for olab-health
+    lab.kube.add_pod(NS, pod, phase="Pending", unschedulable="0/2 nodes are available: 2 Insufficient memory.")
+    lab.kube.add_event(NS, pod, "FailedScheduling", "0/2 nodes are available: 2 Insufficient memory.", component="default-scheduler")
+    failed = lab.deploy()
+    assert isinstance(failed, Exception), failed
+    message = str(failed)
+    assert "health check" in message.lower() or "without any widget" in message
+    assert f"pod {pod}: Pending" in message and "Insufficient memory" in message

@@ -95,6 +95,10 @@ class RecordingPlatform:
         self._call("hub_access")
         return HubAccess(url=self.hub_url, token=TOKEN)
 
+    def spawn_report(self, user: str) -> list[str]:
+        self._call(f"spawn_report:{user}")
+        return []
+
     def stop_hub(self) -> bool:
         self._call("stop_hub")
         was, self.running_hash = self.running_hash is not None, None
