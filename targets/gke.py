@@ -111,6 +111,7 @@ class GkePlatform:
         self._hub_secrets: HubSecrets | None = None
         self._release_plan: ReleaseFacts | None = None
         self._points: RestorePointStore | None = None
+        self._kubeconfig_fresh = False
 
     def not_ready(self, flow: str) -> str | None:
         if flow in ("teardown", "restore") and self.gke.shutdown.mode == "destroy":
@@ -195,9 +196,16 @@ class GkePlatform:
 
     # The hub: Zero-to-JupyterHub by helm, secrets from Vault, HTTPS through our ingress chart.
     def _kubeconfig(self) -> Path:
+        """provision-cluster's kubeconfig, with a fresh token (Google's last about an hour, and
+        Monday's restore comes long after Friday's provision)."""
+        from tasks.gke import access_token, refresh_kubeconfig_token
+
         path = self.site.paths.runtime / "kubeconfig"
         if not path.is_file():
             raise TargetNotReady(f"site {self.site.name}: no kubeconfig at {path}: run provision-cluster first")
+        if not self._kubeconfig_fresh and (token := access_token(self.gke.apis)):
+            refresh_kubeconfig_token(path, token)
+        self._kubeconfig_fresh = True
         return path
 
     def _secrets(self) -> HubSecrets:

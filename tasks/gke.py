@@ -531,3 +531,12 @@ def write_kubeconfig(path: Path, info: ClusterInfo, token: str, namespace: str |
     atomic_write(path, text, mode=0o600)
     task_logger().info("kubeconfig for cluster %s (https://%s) written to %s", info.name, info.endpoint, path)
     return path
+
+
+def refresh_kubeconfig_token(path: Path, token: str) -> Path:
+    """Put a fresh token into a kubeconfig this module wrote (still 0600, written whole)."""
+    document = yaml.safe_load(Path(path).read_text())
+    for user in document.get("users", []):
+        user.setdefault("user", {})["token"] = token
+    atomic_write(Path(path), yaml.safe_dump(document, sort_keys=False), mode=0o600)
+    return Path(path)

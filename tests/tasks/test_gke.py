@@ -448,3 +448,13 @@ def test_missing_credentials_fail_in_one_line(tmp_path, monkeypatch):
     assert "\n" not in str(failed.value)
     with pytest.raises(gke.GkeError, match="^no Google credentials"):
         gke.cluster_manager(GoogleApis())
+
+
+def test_a_kubeconfig_gets_a_fresh_token_and_stays_private(fake, client, tmp_path):
+    seed_running(fake)
+    path = gke.write_kubeconfig(tmp_path / "config", wait(client), "old-token")
+    gke.refresh_kubeconfig_token(path, "new-token")
+    config = yaml.safe_load(path.read_text())
+    assert config["users"][0]["user"]["token"] == "new-token" and "old-token" not in path.read_text()
+    assert config["clusters"][0]["cluster"]["server"] == "https://34.89.10.20"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
