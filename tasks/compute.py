@@ -44,7 +44,7 @@ from google.cloud import compute_v1
 from pydantic import BaseModel, ConfigDict
 
 from core.config import GoogleApis
-from core.logs import task_logger
+from core.logs import WaitProgress, task_logger
 from core.retry import TransientError, call_with_backoff
 
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
@@ -382,25 +382,6 @@ def _call(what: str, fn: Callable[[], T], deadline: float, retries: int, backoff
     )
 
 
-class _Progress:
-    """Logs a wait's state when it changes (at most every ``every`` seconds), and now and
-    then when it does not."""
-
-    def __init__(self, every: float):
-        self.log = task_logger()
-        self.every = every
-        self.start = time.monotonic()
-        self.last_line: str | None = None
-        self.last_time = float("-inf")
-
-    def __call__(self, line: str, *, final: bool = False) -> None:
-        now = time.monotonic()
-        changed = line != self.last_line
-        if final or (changed and now - self.last_time >= self.every) or now - self.last_time >= HEARTBEAT:
-            self.log.info("%s (%.0fs)", line, now - self.start)
-            self.last_line, self.last_time = line, now
-
-
 @dataclass
 class _Api:
     """The calls a batch makes, under one deadline and one retry policy."""
@@ -538,7 +519,7 @@ def _batch(
 ) -> None:
     """Start every job in parallel, then poll those not done until all are, logging
     "``noun`` n of m" as it goes; ComputeTimeout naming the laggards at the deadline."""
-    progress = _Progress(log_every)
+    progress = WaitProgress(log_every, HEARTBEAT)
     with _pool(parallel, len(jobs)) as pool:
         _each(pool, lambda job: job.start(), jobs)
         while True:

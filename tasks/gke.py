@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from core.config import GoogleApis
 from core.files import atomic_write
-from core.logs import task_logger
+from core.logs import WaitProgress, task_logger
 from core.retry import TransientError, call_with_backoff
 
 SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
@@ -334,25 +334,6 @@ def _call(what: str, fn: Callable[[], T], deadline: float, retries: int, backoff
     )
 
 
-class _Progress:
-    """Logs a wait's state when it changes (at most every ``every`` seconds), and now and
-    then when it does not."""
-
-    def __init__(self, every: float):
-        self.log = task_logger()
-        self.every = every
-        self.start = time.monotonic()
-        self.last_line: str | None = None
-        self.last_time = float("-inf")
-
-    def __call__(self, line: str, *, final: bool = False) -> None:
-        now = time.monotonic()
-        changed = line != self.last_line
-        if final or (changed and now - self.last_time >= self.every) or now - self.last_time >= HEARTBEAT:
-            self.log.info("%s (%.0fs)", line, now - self.start)
-            self.last_line, self.last_time = line, now
-
-
 # ---- waits -----------------------------------------------------------------------------
 
 
@@ -397,7 +378,7 @@ def wait_until_ready(
     transient errors outlast ``retries``.
     """
     deadline = time.monotonic() + timeout
-    progress = _Progress(log_every)
+    progress = WaitProgress(log_every, HEARTBEAT)
     while True:
         info = get_cluster(client, project, location, cluster, retries=retries, backoff=backoff, deadline=deadline)
         line = summary(info, pools)
@@ -434,7 +415,7 @@ def wait_for_operation(
     name = operation_path(project, location, operation_name)
     short = name.rsplit("/", 1)[-1]
     deadline = time.monotonic() + timeout
-    progress = _Progress(log_every)
+    progress = WaitProgress(log_every, HEARTBEAT)
     while True:
         op = _call(
             f"get operation {short}",
