@@ -309,7 +309,7 @@ class GkePlatform:
         if action == "unchanged" and (behind := self._ingress_behind(ingress_layer)):
             action, reason = "restart", f"{behind}: upgrade it (release {HUB_RELEASE}: {reason})"
         changes: list[str] = []
-        if action != "unchanged":
+        if action != "unchanged" and facts.deployed_revision is not None:  # an upgrade: what differs from what runs
             deployed = next((r.values for r in revisions if r.revision == facts.deployed_revision), {})
             base = load_layers([base_values_file(self.site.project)])[0]
             changes = values_diff(deployed, merge_values(base, site_layer, secret_layer), secret_layer)
