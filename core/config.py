@@ -19,12 +19,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-Port = Annotated[int, Field(ge=1, le=65535)]
+# Numbers and booleans in a site file are strict: `port: "8000"` or `port: true` is
+# refused, not converted (an int is still accepted where a float is wanted), and
+# floats must be finite (.inf, .nan are refused).
+Port = Annotated[int, Field(ge=1, le=65535, strict=True)]
 Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")]
 Username = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._@-]{0,63}$")]
 
@@ -70,14 +75,14 @@ class HubSettings(_Section):
     admins: list[Username] = Field(default_factory=lambda: ["admin"], min_length=1)
     authenticator: Literal["shared-password", "lti"] = "shared-password"
     default_url: str = "/lab"
-    start_timeout_seconds: Annotated[int, Field(ge=5, le=3600)] = 120
+    start_timeout_seconds: Annotated[int, Field(ge=5, le=3600, strict=True)] = 120
     # Per user server. The local target enforces them on containers (OCI images);
     # a venv image runs plain processes and refuses them.
     memory_limit: Annotated[str, Field(pattern=r"^[1-9][0-9]*[KMG]$")] | None = None
-    cpu_limit: Annotated[float, Field(gt=0, le=64)] | None = None
+    cpu_limit: Annotated[float, Field(gt=0, le=64, strict=True, allow_inf_nan=False)] | None = None
     # A server idle this long is stopped (jupyterhub-idle-culler, as Zero-to-JupyterHub
     # runs it); its data stays. 0: never.
-    cull_idle_seconds: Annotated[int, Field(ge=0, le=30 * 86400)] = 3600
+    cull_idle_seconds: Annotated[int, Field(ge=0, le=30 * 86400, strict=True)] = 3600
     lti: LtiSettings | None = None
 
     @field_validator("default_url")
@@ -130,9 +135,44 @@ class ImageSettings(_Section):
 
 class LabSettings(_Section):
     path: Path = Path("labs")
-    cell_timeout_seconds: Annotated[int, Field(ge=1, le=3600)] = 120
-    parallelism: Annotated[int, Field(ge=0, le=64)] = 0
+    cell_timeout_seconds: Annotated[int, Field(ge=1, le=3600, strict=True)] = 120
+    parallelism: Annotated[int, Field(ge=0, le=64, strict=True)] = 0
     health_check_lab: str = "lorenz"
+
+
+CRON_HORIZON_YEARS = 5
+
+
+def _prefect_schedule_problem(cron: str, timezone: str) -> str | None:
+    """Why Prefect cannot schedule ``cron`` in ``timezone``, or None.
+
+    The check is Prefect's own: its client-side ``CronSchedule`` model (what ``olab serve``
+    builds from the site's schedules) validates the expression and the timezone, and the
+    croniter Prefect vendors (what its scheduler iterates, ``day_or`` as CronSchedule's
+    default) must find a date within CRON_HORIZON_YEARS: ``0 0 31 2 *`` parses but never fires.
+    Importing Prefect takes about two seconds, paid once per process, only when a site file
+    sets a schedule or timezone.
+    """
+    from datetime import datetime
+
+    from prefect._vendor.croniter import CroniterError, croniter
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron, timezone=timezone)
+    except ValidationError as exc:
+        reasons = [_describe(e) for e in exc.errors()]
+        try:  # CronSchedule says only "Invalid cron string"; croniter says why.
+            croniter(cron)
+        except CroniterError as why:
+            reasons.append(str(why))
+        return "; ".join(reasons)
+    start = datetime.now(zoneinfo.ZoneInfo(timezone)).replace(tzinfo=None)
+    try:
+        croniter(cron, start, day_or=True, max_years_between_matches=CRON_HORIZON_YEARS).get_next(datetime)
+    except CroniterError:
+        return f"never fires (no date in the next {CRON_HORIZON_YEARS} years)"
+    return None
 
 
 class ScheduleSettings(_Section):
@@ -147,27 +187,36 @@ class ScheduleSettings(_Section):
             zoneinfo.ZoneInfo(value)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"unknown timezone {value!r} (use an IANA name such as Europe/London)")
+        # Prefect's schedules know fewer names than zoneinfo (posixrules, localtime, ...).
+        if _prefect_schedule_problem("0 0 * * *", value):
+            raise ValueError(f"unknown timezone {value!r} to Prefect's schedules (use an IANA name such as Europe/London)")
         return value
 
     @field_validator("teardown", "restore")
     @classmethod
-    def _cron(cls, value: str) -> str:
+    def _cron(cls, value: str, info: ValidationInfo) -> str:
+        # Five fields, as olab's docs and prefect.yaml write them; Prefect's parser would also
+        # take 6 or 7 (seconds, years), which a site's weekly schedule does not mean.
         fields = value.split()
         if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
             raise ValueError(f"{value!r} is not a 5-field cron expression (minute hour day month weekday)")
+        # A timezone that failed its own check is reported there; UTC stands in here.
+        problem = _prefect_schedule_problem(value, info.data.get("timezone", "UTC"))
+        if problem:
+            raise ValueError(f"{value!r}: {problem}")
         return value
 
 
 class BackupSettings(_Section):
     path: Path | None = None
-    keep: Annotated[int, Field(ge=1, le=1000)] = 4
+    keep: Annotated[int, Field(ge=1, le=1000, strict=True)] = 4
 
 
 class NodePool(_Section):
     machine_type: str = "e2-standard-2"
-    min_nodes: Annotated[int, Field(ge=0)] = 0
-    max_nodes: Annotated[int, Field(ge=1)] = 3
-    preemptible: bool = False
+    min_nodes: Annotated[int, Field(ge=0, strict=True)] = 0
+    max_nodes: Annotated[int, Field(ge=1, strict=True)] = 3
+    preemptible: StrictBool = False
 
     @model_validator(mode="after")
     def _bounds(self) -> NodePool:
@@ -194,7 +243,7 @@ class GoogleApis(_Section):
     storage: Annotated[str, Field(pattern=r"^https?://")] | None = None
     compute: Annotated[str, Field(pattern=r"^https?://")] | None = None
     # No credentials at all: only for endpoints on this machine's loopback.
-    anonymous: bool = False
+    anonymous: StrictBool = False
 
     @model_validator(mode="after")
     def _anonymous_only_on_loopback(self) -> GoogleApis:
@@ -212,15 +261,17 @@ class ShutdownSettings(_Section):
     # destroy: every disk snapshotted, then pools and cluster destroyed (the cluster fee stops too).
     mode: Literal["scale-to-zero", "destroy"] = "scale-to-zero"
     # A scheduled destroy runs with nobody to approve it: say so here, or it waits for approval.
-    approve_destroy: bool = False
+    approve_destroy: StrictBool = False
+    # How long the snapshots of every disk may take to be READY (destroy mode).
+    snapshot_timeout_seconds: Annotated[int, Field(ge=60, le=86400, strict=True)] = 3600
 
 
 class Prices(_Section):
     """Hourly prices for the shutdown's cost artifact (from the provider's price list; not fetched)."""
 
     currency: str = "USD"
-    cluster_hour: Annotated[float, Field(ge=0)] = 0.10
-    node_hour: dict[str, Annotated[float, Field(ge=0)]] = Field(
+    cluster_hour: Annotated[float, Field(ge=0, strict=True, allow_inf_nan=False)] = 0.10
+    node_hour: dict[str, Annotated[float, Field(ge=0, strict=True, allow_inf_nan=False)]] = Field(
         default_factory=lambda: {"e2-standard-2": 0.067, "e2-standard-4": 0.134, "e2-highmem-2": 0.090}
     )
 
@@ -246,10 +297,10 @@ class GkeSettings(_Section):
     terraform: Literal["terraform", "tofu"] = "terraform"
     terraform_module: Path = Path("terraform/gke")
     # A plan that destroys or replaces anything waits this long for an operator's approval.
-    approval_timeout_seconds: Annotated[int, Field(ge=10, le=7 * 86400)] = 3600
+    approval_timeout_seconds: Annotated[int, Field(ge=10, le=7 * 86400, strict=True)] = 3600
     # How long provision-cluster waits for the cluster and its pools, polling GKE's API.
-    cluster_ready_timeout_seconds: Annotated[int, Field(ge=10, le=7200)] = 1800
-    poll_seconds: Annotated[float, Field(gt=0, le=60)] = 10
+    cluster_ready_timeout_seconds: Annotated[int, Field(ge=10, le=7200, strict=True)] = 1800
+    poll_seconds: Annotated[float, Field(gt=0, le=60, strict=True, allow_inf_nan=False)] = 10
     apis: GoogleApis = GoogleApis()
     shutdown: ShutdownSettings = ShutdownSettings()
     prices: Prices = Prices()
@@ -257,7 +308,7 @@ class GkeSettings(_Section):
     chart_repository: Annotated[str, Field(pattern=r"^https?://")] = "https://hub.jupyter.org/helm-chart/"
     chart_version: Annotated[str, Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+")] = "4.4.0"
     helm: str = "helm"  # the helm binary (name on PATH, or a path)
-    helm_timeout_seconds: Annotated[int, Field(ge=30, le=7200)] = 900
+    helm_timeout_seconds: Annotated[int, Field(ge=30, le=7200, strict=True)] = 900
     # The hub's URL (default https://<first domain>, behind the ManagedCertificate).
     hub_url: Annotated[str, Field(pattern=r"^https?://")] | None = None
 
@@ -293,7 +344,7 @@ class VaultSettings(_Section):
     namespace: VaultPath | None = None
     # PEM bundle of the CA that signed Vault's certificate; default: the system's CAs.
     ca_bundle: Path | None = None
-    timeout_seconds: Annotated[float, Field(gt=0, le=300)] = 15.0
+    timeout_seconds: Annotated[float, Field(gt=0, le=300, strict=True, allow_inf_nan=False)] = 15.0
     # token: a 0600 file holding the token; default: env VAULT_TOKEN.
     token_file: Path | None = None
     # approle: the role_id is an identifier, not a secret (here, a 0600-or-not file, or env VAULT_ROLE_ID);
@@ -491,6 +542,24 @@ def _field_path(loc: tuple) -> str:
     return out or "(top level)"
 
 
+def _shown(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _yaml_kind(value: object) -> str:
+    """How a value read from YAML looks to the person who wrote it."""
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {_shown(value)}"
+    if isinstance(value, str):
+        return f"the string {_shown(value)}"
+    if value is None:
+        return "null (an empty value)"
+    return f"a {type(value).__name__}"
+
+
 def _describe(error: dict) -> str:
     if error["type"] == "extra_forbidden":
         return "unknown field"
@@ -499,18 +568,161 @@ def _describe(error: dict) -> str:
     message = error["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
+    # Strict numbers and booleans: say what was given (`port: "8000"`, `port: true`).
+    if error["type"] in ("int_type", "float_type", "bool_type") and "input" in error:
+        message += f", not {_yaml_kind(error['input'])}"
     return message
 
 
-def parse_site(text: str, source: Path, project: Path) -> Site:
-    """Validate a site file's text; raise ConfigError with one line per problem."""
+# Limits no real site file comes near (the shipped ones are ~2 kB and 3 levels deep). They
+# keep a malformed or hostile file from eating time, memory or the stack: PyYAML is pure
+# Python here (its C loader cannot be hooked) and composes about 50 kB/s of dense flow
+# lists, so MAX_SITE_BYTES bounds the time to read any file to a few seconds.
+MAX_SITE_BYTES = 128 * 1024
+MAX_NESTING = 64
+MAX_INT_DIGITS = 20  # beyond 64-bit integers; every integer field is far below that
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_INT_TAG = "tag:yaml.org,2002:int"
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a site file may not use (an alias, nesting past MAX_NESTING)."""
+
+
+class _SiteLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing aliases and nesting deeper than MAX_NESTING.
+
+    Aliases are refused outright: a site file has no use for them, and a "billion laughs"
+    file is made of them. The depth is checked as each collection starts, before
+    PyYAML's composer (which recurses once per level) could reach Python's recursion limit.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(
+                None, None, f"alias *{event.anchor}: aliases are not allowed in a site file (write the value out)", event.start_mark
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_NESTING and isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                raise _Refused(None, None, f"nested more than {MAX_NESTING} levels deep", event.start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _node_problems(root: yaml.Node, loader: _SiteLoader, source: Path) -> list[str]:
+    """What is wrong in a composed YAML document, one line each, in file order: keys that
+    are not strings, keys given twice in one mapping, integers too long to be meant, and
+    scalars PyYAML cannot turn into values (``2024-02-30``, ``!!int abc``). Walks the nodes
+    with its own stack, not recursion. Scalars are constructed here, so that a failure is
+    reported with its field; what is constructed is kept for construct_document."""
+    found: list[tuple[int, str]] = []
+
+    def problem(node: yaml.Node, loc: tuple, text: str) -> None:
+        line = node.start_mark.line + 1
+        found.append((line, f"{source}:{line}: {_field_path(loc)}: {text}"))
+
+    stack: list[tuple[yaml.Node, tuple]] = [(root, ())]
+    while stack:
+        node, loc = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[str, int] = {}
+            for key, value in node.value:
+                if not isinstance(key, yaml.ScalarNode):
+                    problem(key, loc, f"a {key.id} as a key is not a field name: keys must be strings")
+                    continue
+                if key.tag != _STR_TAG:
+                    kind = key.tag.rsplit(":", 1)[-1]
+                    problem(key, loc, f"key {_shown(key.value)} (YAML {kind}) is not a field name: keys must be strings")
+                    continue
+                line = key.start_mark.line + 1
+                if key.value in first_line:
+                    lines = f"lines {first_line[key.value]} and {line}" if first_line[key.value] != line else f"twice on line {line}"
+                    problem(key, loc + (key.value,), f"duplicated key {_shown(key.value)} ({lines}): give it once")
+                    continue
+                first_line[key.value] = line
+                stack.append((value, loc + (key.value,)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, loc + (i,)) for i, item in enumerate(node.value))
+        elif node.tag != _STR_TAG:
+            if node.tag == _INT_TAG:
+                digits = node.value.strip().lstrip("+-").replace("_", "").replace(":", "")
+                if digits[:2].lower() in ("0x", "0o", "0b"):
+                    digits = digits[2:]
+                if len(digits) > MAX_INT_DIGITS:
+                    problem(node, loc, f"an integer of {len(digits)} digits is too large for any field")
+                    continue
+            try:
+                loader.construct_object(node)
+            except (yaml.YAMLError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+                reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+                problem(node, loc, f"{_shown(node.value)} is not a valid YAML {node.tag.rsplit(':', 1)[-1]}: {reason}")
+    return [text for _, text in sorted(found, key=lambda item: item[0])]
+
+
+def _read_yaml(text: str, source: Path) -> object:
+    """The document in ``text``, or ConfigError with one line per problem."""
+    loader = None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        loader = _SiteLoader(text)  # PyYAML's reader checks every character here
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        if problems := _node_problems(root, loader, source):
+            raise ConfigError(problems)
+        return loader.construct_document(root)
+    except _Refused as exc:
+        mark = exc.problem_mark
+        raise ConfigError([f"{source}:{mark.line + 1}:{mark.column + 1}: {exc.problem}"]) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else str(source)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([f"{where}: YAML syntax error: {problem}"]) from None
+        problem = exc.problem or str(exc).splitlines()[0]
+        if exc.problem and exc.context:  # "but found another document" needs its context
+            problem += f" ({exc.context})"
+        # A constructor's error (an unknown !tag on a mapping) is not one of syntax.
+        label = "YAML error" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
+        raise ConfigError([f"{where}: {label}: {problem}"]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(
+            [f"{source}:{line}: character #x{exc.character:04x} (character {exc.position} of the file) is not allowed in YAML"]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: YAML error: {str(exc).splitlines()[0]}"]) from None
+    except RecursionError:  # not expected past the composer's depth check; one line if ever
+        raise ConfigError([f"{source}: nested too deeply to read"]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def parse_site(text: str | bytes, source: Path, project: Path) -> Site:
+    """Validate a site file's content; raise ConfigError with one line per problem.
+
+    Bytes are decoded as strict UTF-8 here. Each line names ``source`` and where: a line
+    (and column) for what is wrong in the YAML itself, a field path for what the site
+    models refuse.
+    """
+    if len(text) > MAX_SITE_BYTES:
+        unit = "bytes" if isinstance(text, bytes) else "characters"
+        raise ConfigError([f"{source}: more than {MAX_SITE_BYTES} {unit}; a site file is at most {MAX_SITE_BYTES} {unit}"])
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = text.count(b"\n", 0, exc.start) + 1
+            raise ConfigError(
+                [f"{source}:{line}: not UTF-8: byte 0x{text[exc.start]:02x} at byte offset {exc.start} ({exc.reason}); save the file as UTF-8"]
+            ) from None
+    data = _read_yaml(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -537,4 +749,9 @@ def load_site(ref: str = "local", project: Path | None = None) -> Site:
         owner = find_project(path.parent, honour_env=False)
     except ConfigError:
         owner = path.parent
-    return parse_site(path.read_text(encoding="utf-8"), path, owner)
+    try:
+        with path.open("rb") as handle:
+            content = handle.read(MAX_SITE_BYTES + 1)  # one byte more: too long is reported
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the site file: {exc.strerror or exc}"]) from None
+    return parse_site(content, path, owner)

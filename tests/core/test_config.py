@@ -109,3 +109,148 @@ def test_config_error_lists_all_problems(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_site(str(path))
     assert len(info.value.problems) == 2
+
+
+# Malformed site files, as bytes: each is refused with exactly these lines, in order (per
+# line a fragment, or a tuple of fragments), exit 2, no traceback. Every line must also start
+# with the file's path.
+GKE = (
+    b"target: gke\ngke:\n  project: my-olab-project\n  region: europe-west2\n"
+    b"  domains: [olab.example.org]\n  registry: r\n  terraform_state_bucket: my-bucket\n"
+)
+BILLION_LAUGHS = b'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + b"".join(
+    b"%s: &%s [%s]\n" % (name, name, b", ".join([b"*" + prev] * 9))
+    for prev, name in zip(b"abcdefgh", b"bcdefghi")
+    for prev, name in [(bytes([prev]), bytes([name]))]
+)
+MALFORMED = [
+    pytest.param(b"description: caf\xe9\n", ["bad.yaml:1: not UTF-8: byte 0xe9 at byte offset 16"], id="not-utf8"),
+    pytest.param(b"hub:\n  port: 8000\n\xff\xfe\n", ["bad.yaml:3: not UTF-8: byte 0xff at byte offset 18"], id="not-utf8-line-3"),
+    pytest.param(b"description: a\x00b\n", ["bad.yaml:1: character #x0000 (character 14 of the file) is not allowed"], id="nul-character"),
+    pytest.param(b"description: " + b"[" * 10000, ["bad.yaml:1:77: nested more than 64 levels deep"], id="deep-flow-sequences"),
+    pytest.param(b"description: " + b"{" * 10000, ["nested more than 64 levels deep"], id="deep-flow-mappings"),
+    pytest.param(b"".join(b"  " * i + b"k:\n" for i in range(200)), [("bad.yaml:65:", "nested more than 64 levels deep")], id="deep-block-mappings"),
+    pytest.param(b"hub:\n  port: 1" + b"0" * 5000 + b"\n", ["bad.yaml:2: hub.port: an integer of 5001 digits is too large"], id="int-past-str-digits-limit"),
+    pytest.param(b"hub:\n  port: 0x" + b"f" * 5000 + b"\n", ["hub.port: an integer of 5000 digits"], id="huge-hex-int"),
+    pytest.param(b"backups:\n  keep: -" + b"9" * 40 + b"\n", ["backups.keep: an integer of 40 digits"], id="long-negative-int"),
+    pytest.param(b"name: a\nname: b\n", ["bad.yaml:2: name: duplicated key 'name' (lines 1 and 2)"], id="duplicated-top-key"),
+    pytest.param(
+        GKE + b"  shutdown:\n    mode: destroy\n    approve_destroy: true\n    mode: scale-to-zero\n",
+        ["bad.yaml:11: gke.shutdown.mode: duplicated key 'mode' (lines 9 and 11)"],
+        id="duplicated-deep-key",
+    ),
+    pytest.param(b"hub:\n  admins: [a]\n  lti: {issuer: x, issuer: y}\n", ["hub.lti.issuer: duplicated key 'issuer' (twice on line 3)"], id="duplicated-flow-key"),
+    pytest.param(
+        b"hub:\n  port: 1\n  port: 2\nlabs:\n  path: a\n  path: b\n",
+        ["bad.yaml:3: hub.port: duplicated key", "bad.yaml:6: labs.path: duplicated key"],
+        id="two-duplicates-two-lines",
+    ),
+    pytest.param(BILLION_LAUGHS, [("bad.yaml:2:", "alias *a: aliases are not allowed")], id="billion-laughs"),
+    pytest.param(b"description: &d text\nlabs:\n  health_check_lab: *d\n", ["bad.yaml:3:21: alias *d: aliases are not allowed"], id="single-alias"),
+    pytest.param(b"1: a\n", ["bad.yaml:1: (top level): key '1' (YAML int) is not a field name"], id="int-key"),
+    pytest.param(b"hub:\n  true: 1\n", ["bad.yaml:2: hub: key 'true' (YAML bool) is not a field name"], id="bool-key"),
+    pytest.param(b"? [a, b]\n: 1\n", ["(top level): a sequence as a key is not a field name"], id="sequence-key"),
+    pytest.param(b"hub:\n  <<: {port: 9000}\n", ["hub: key '<<' (YAML merge) is not a field name"], id="merge-key"),
+    pytest.param(b"description: 2024-02-30\n", ["description: '2024-02-30' is not a valid YAML timestamp"], id="impossible-date"),
+    pytest.param(b"description: !!int abc\n", ["description: 'abc' is not a valid YAML int"], id="bad-explicit-tag"),
+    pytest.param(b"name: a\n---\nname: b\n", ["YAML syntax error: but found another document"], id="two-documents"),
+    pytest.param(b"# padding\n" * 14000, ["more than 131072 bytes"], id="too-large"),
+    pytest.param(b"schedules:\n  teardown: '61 * * * *'\n", ["schedules.teardown: '61 * * * *': Invalid cron string"], id="cron-minute-61"),
+    pytest.param(b"schedules:\n  teardown: '* * * * * *'\n", ["schedules.teardown: '* * * * * *' is not a 5-field cron"], id="cron-six-fields"),
+    pytest.param(b"schedules:\n  restore: '0 0 31 2 *'\n", ["schedules.restore: '0 0 31 2 *': never fires"], id="cron-31-february"),
+    pytest.param(b"schedules:\n  restore: '0 7 * * 8'\n", ["schedules.restore: '0 7 * * 8': Invalid cron string"], id="cron-weekday-8"),
+    pytest.param(b"schedules:\n  timezone: posixrules\n", ["schedules.timezone: unknown timezone 'posixrules' to Prefect"], id="timezone-prefect-lacks"),
+    pytest.param(b"hub:\n  port: true\n", ["hub.port: Input should be a valid integer, not the boolean true"], id="port-true"),
+    pytest.param(b'hub:\n  port: "8000"\n', ["hub.port: Input should be a valid integer, not the string '8000'"], id="port-string"),
+    pytest.param(b"backups:\n  keep: 2.5\n", ["backups.keep: Input should be a valid integer, not the number 2.5"], id="keep-float"),
+    pytest.param(b"backups:\n  keep: 4.0\n", ["backups.keep: Input should be a valid integer, not the number 4.0"], id="keep-whole-float"),
+    pytest.param(
+        GKE + b'  shutdown:\n    approve_destroy: "yes"\n',
+        ["gke.shutdown.approve_destroy: Input should be a valid boolean, not the string 'yes'"],
+        id="approve-destroy-string",
+    ),
+    pytest.param(GKE + b"  user_pool:\n    preemptible: 1\n", ["gke.user_pool.preemptible: Input should be a valid boolean, not the number 1"], id="bool-from-int"),
+    pytest.param(b"hub:\n  cpu_limit: true\n", ["hub.cpu_limit: Input should be a valid number, not the boolean true"], id="float-from-bool"),
+    pytest.param(b"hub:\n  cpu_limit: '1.5'\n", ["hub.cpu_limit: Input should be a valid number, not the string '1.5'"], id="float-from-string"),
+    pytest.param(GKE + b"  prices:\n    cluster_hour: .inf\n", ["gke.prices.cluster_hour: Input should be a finite number"], id="infinite-price"),
+]
+
+
+@pytest.mark.parametrize(("content", "expected"), MALFORMED)
+def test_malformed_site_file_exits_2_with_one_line_per_problem(tmp_path, capsys, content, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    code, errors, out = run_cli(capsys, "status", "--site", str(path))
+    assert code == 2
+    assert len(errors) == len(expected), errors
+    for line, fragments in zip(errors, expected):
+        assert line.startswith(str(path)), line
+        for fragment in (fragments,) if isinstance(fragments, str) else fragments:
+            assert fragment in line, line
+    assert "Traceback" not in "\n".join(errors) + out
+    with pytest.raises(ConfigError) as info:  # the same lines from the library, without the CLI
+        load_site(str(path))
+    assert info.value.problems == errors
+
+
+def test_every_shipped_site_file_loads():
+    shipped = sorted((REPO / "sites").glob("*.yaml"))
+    assert shipped, "sites/*.yaml"
+    for path in shipped:
+        assert load_site(str(path)).source == path
+
+
+def test_nesting_up_to_the_limit_is_read_and_one_more_level_is_refused(tmp_path):
+    # The top-level mapping is level 1: 63 lists inside it make 64 levels.
+    ok = write(tmp_path, "description: " + "[" * 63 + "]" * 63 + "\n", "ok.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_site(str(ok))
+    assert info.value.problems == [f"{ok}: description: Input should be a valid string"]
+    deep = write(tmp_path, "description: " + "[" * 64 + "]" * 64 + "\n", "deep.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_site(str(deep))
+    assert info.value.problems == [f"{deep}:1:77: nested more than 64 levels deep"]
+
+
+def test_strict_types_still_take_what_site_files_write(tmp_path):
+    # An int where a float is wanted, YAML's true/false, and numbers that fit: all accepted.
+    path = tmp_path / "ok.yaml"
+    path.write_bytes(
+        GKE
+        + b"  poll_seconds: 5\n  approval_timeout_seconds: 60\n  shutdown:\n    approve_destroy: true\n"
+        + b"  prices:\n    cluster_hour: 0\n    node_hour: {e2-standard-2: 1}\n"
+        + b"  user_pool:\n    preemptible: false\n    max_nodes: 1_000\n"
+        + b"hub:\n  cpu_limit: 2\n  port: 0x1F90\n"
+    )
+    site = load_site(str(path))
+    gke = site.config.gke
+    assert gke.poll_seconds == 5.0 and gke.shutdown.approve_destroy is True
+    assert gke.prices.cluster_hour == 0.0 and gke.prices.node_hour == {"e2-standard-2": 1.0}
+    assert gke.user_pool.max_nodes == 1000 and gke.user_pool.preemptible is False
+    assert site.config.hub.cpu_limit == 2.0 and site.config.hub.port == 8080
+
+
+def test_crons_prefect_schedules_accept_pass(tmp_path):
+    from prefect.client.schemas.schedules import CronSchedule
+
+    path = write(
+        tmp_path,
+        "schedules:\n  timezone: America/New_York\n  teardown: '30 18 * * FRI'\n  restore: '0 0 29 2 *'\n",
+    )
+    schedules = load_site(str(path)).config.schedules
+    # What the site keeps is what olab serve hands Prefect.
+    CronSchedule(cron=schedules.teardown, timezone=schedules.timezone)
+    assert (schedules.teardown, schedules.restore) == ("30 18 * * FRI", "0 0 29 2 *")
+
+
+def test_an_unreadable_site_file_is_one_line(tmp_path, monkeypatch):
+    # Tests run as root, whom file modes do not stop: the refusal to open is simulated.
+    path = write(tmp_path, "description: fine\n")
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(ConfigError) as info:
+        load_site(str(path))
+    assert info.value.problems == [f"{path}: cannot read the site file: Permission denied"]
