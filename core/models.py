@@ -240,6 +240,10 @@ class DataFacts(_Result):
     files: int = 0
     bytes: int = 0
     where: str = ""
+    # Where the target keeps restore points, and what releasing the runtime does, when they
+    # differ from the local target's (a backups folder; deleting the runtime folder).
+    kept_at: str | None = None
+    release: str | None = None
 
 
 StepVerb = Literal[
@@ -280,6 +284,8 @@ class InfraPlan(_Result):
     steps: list[PlannedStep]
     changes: bool = True
     destructive: bool = False
+    # Approved in advance by the site file (the setting that says so), so nobody is waited for.
+    approved_by: str | None = None
 
 
 class RegistryLogin(_Result):

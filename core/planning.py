@@ -140,6 +140,7 @@ def teardown_steps(
     decision: TeardownDecision, data: DataFacts, hub: HubState, running_servers: list[str], backups: str, keep: int
 ) -> list[PlannedStep]:
     """What a teardown would do, for its dry run."""
+    backups = data.kept_at or backups
     if decision.kind == "finish":
         if decision.already_torn_down:
             return [PlannedStep(verb="leave", subject="the site", detail=f"already torn down; restore point {decision.restore_point}")]
@@ -156,7 +157,7 @@ def teardown_steps(
             detail=f"{data.files} files, {data.bytes} bytes, into a new restore point in {backups}",
         )
     )
-    steps.append(PlannedStep(verb="delete", subject=data.where, detail="after the restore point is verified"))
+    steps.append(PlannedStep(verb="delete", subject=data.release or data.where, detail="after the restore point is verified"))
     steps.append(PlannedStep(verb="prune", subject="restore points", detail=f"keeping the newest {keep} complete ones"))
     return steps
 
@@ -280,3 +281,78 @@ def shutdown_savings(pools: dict[str, tuple[str, int]], hours: float, mode: str,
     else:
         lines.append("cluster fee: still paid (scale-to-zero keeps the cluster)")
     return Savings(hours, node_hours, cluster_hours, round(amount, 2), prices.currency, lines)
+
+
+# ---- the gke weekend shutdown's destroy mode: which disks to snapshot, what to bring back ----
+
+
+@dataclass(frozen=True)
+class DiskOfClaim:
+    """One claim's disk, as a restore point records it (plain data)."""
+
+    claim: str
+    zone: str
+    disk: str
+
+
+def disks_to_snapshot(claims: list[dict], project: str) -> tuple[list[DiskOfClaim], list[str]]:
+    """(the disks under the claims, the claims skipped because they hold no disk yet: a
+    claim still Pending has never been written to). ``claims``: tasks.kubernetes
+    ClaimBinding dumps. Refused, naming them all, for what a snapshot cannot keep here: a
+    regional disk, a disk of another project, a bound claim whose volume is no GCE disk."""
+    found, skipped, problems = [], [], []
+    for c in claims:
+        disk = c.get("disk")
+        if disk is None:
+            if c.get("phase") == "Bound" or c.get("volume"):
+                problems.append(f"claim {c['claim']} is bound to volume {c.get('volume')}, which is no GCE persistent disk")
+            else:
+                skipped.append(c["claim"])
+            continue
+        if disk.get("regional"):
+            problems.append(f"claim {c['claim']}: disk {disk['name']} is regional (only zonal disks are snapshotted)")
+        elif disk.get("project") not in (None, project):
+            problems.append(f"claim {c['claim']}: disk {disk['name']} is in project {disk['project']}, not {project}")
+        elif not disk.get("location"):
+            problems.append(f"claim {c['claim']}: the zone of disk {disk['name']} is unknown")
+        else:
+            found.append(DiskOfClaim(claim=c["claim"], zone=disk["location"], disk=disk["name"]))
+    if problems:
+        raise Refused("the weekend shutdown in destroy mode cannot keep: " + "; ".join(problems))
+    return found, skipped
+
+
+def by_zone(disks: list[DiskOfClaim]) -> dict[str, list[DiskOfClaim]]:
+    zones: dict[str, list[DiskOfClaim]] = {}
+    for d in disks:
+        zones.setdefault(d.zone, []).append(d)
+    return zones
+
+
+@dataclass(frozen=True)
+class ClaimToRestore:
+    """A claim of a destroy-mode restore point: its record, and the snapshot its disk is made from."""
+
+    claim: dict
+    zone: str
+    disk: str
+    snapshot: str
+
+
+def claims_to_restore(manifest: dict) -> list[ClaimToRestore]:
+    """What a destroy-mode restore point brings back: every claim that had a disk, with the
+    READY snapshot the manifest records for it. A claim with a disk and no READY snapshot
+    recorded means the manifest is not one a teardown completed: refused, naming them."""
+    snapshots = manifest.get("snapshots") or {}
+    wanted, missing = [], []
+    for c in manifest.get("claims", []):
+        if c.get("disk") is None:
+            continue
+        snap = snapshots.get(c["claim"]) or {}
+        if snap.get("status") != "READY" or snap.get("source_disk") != c["disk"]["name"]:
+            missing.append(c["claim"])
+            continue
+        wanted.append(ClaimToRestore(claim=c, zone=c["disk"]["location"], disk=c["disk"]["name"], snapshot=snap["name"]))
+    if missing:
+        raise Refused(f"restore point {manifest.get('id')}: no READY snapshot recorded for {', '.join(missing)}")
+    return wanted

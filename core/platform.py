@@ -82,6 +82,10 @@ class Platform(Protocol):
     def verify_user_data(self, point_id: str) -> None:
         """Read the restore point back, check it against what was written, make it durable and complete."""
 
+    def plan_release(self, point_id: str) -> InfraPlan | None:
+        """What releasing the runtime after restore point ``point_id`` would destroy, when an
+        operator must approve it first (None: it needs no approval)."""
+
     def release_runtime(self) -> None:
         """Delete what the site ran on (only after its restore point is complete)."""
 

@@ -75,23 +75,34 @@ def run(
     on_line: Callable[[str], None] | None = None,
     check: bool = True,
     tail_lines: int = 40,
+    output_file: Path | None = None,
 ) -> CommandResult:
     """Run a command to completion, streaming its merged output line by line.
 
     Secrets must reach a command through ``env`` or files, never ``argv``;
     they are masked in everything logged or raised.
+
+    With ``output_file`` (made 0600) the command writes there and is followed from it: it
+    has no pipe to this process, so it outlives this process's death (a kill -9) and
+    finishes what it began, where a pipe would break and kill it halfway (terraform, killed
+    so, never releases its state lock).
     """
     args = [os.fspath(a) for a in argv]
     secrets = [s for s in secrets if s]
     log.debug("run: %s", mask(shlex.join(args), secrets))
     started = time.monotonic()
+    sink = None
+    if output_file is not None:
+        output_file.parent.mkdir(parents=True, exist_ok=True)
+        sink = open(os.open(output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+        os.fchmod(sink.fileno(), 0o600)
     try:
         proc = subprocess.Popen(
             args,
             cwd=cwd,
             env=dict(env) if env is not None else None,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
+            stdout=sink if sink is not None else subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
@@ -99,6 +110,9 @@ def run(
         )
     except FileNotFoundError:
         raise ToolMissing(f"{args[0]} is not installed or not on PATH") from None
+    finally:
+        if sink is not None:
+            sink.close()
     lines: deque[str] = deque(maxlen=tail_lines)
     collected: list[str] = []
     timed_out = threading.Event()
@@ -112,8 +126,7 @@ def run(
         timer.daemon = True
         timer.start()
     try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
+        for raw in _followed(proc, output_file) if output_file is not None else proc.stdout:
             line = mask(raw.rstrip("\n"), secrets)
             lines.append(line)
             collected.append(line)
@@ -132,6 +145,25 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError([mask(a, secrets) for a in args], proc.returncode, "\n".join(lines))
     return result
+
+
+def _followed(proc: subprocess.Popen, path: Path):
+    """The lines a running process writes to ``path``, as they come, until it ends."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        pending = ""
+        while True:
+            ended = proc.poll() is not None
+            chunk = f.read()
+            pending += chunk
+            *complete, pending = pending.split("\n")
+            for line in complete:
+                yield line + "\n"
+            if ended and not chunk:
+                break
+            if not chunk:
+                time.sleep(0.05)
+        if pending:
+            yield pending
 
 
 def start_background(

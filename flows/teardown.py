@@ -22,6 +22,7 @@ from core.guard import site_guard
 from core.models import FlowPlan, TeardownReport
 from core.planning import plan_teardown, teardown_steps
 from core.restore_points import restore_point_id
+from flows._approval import approved
 from flows._common import open_site, publish, publish_plan
 from tasks.hub_api import HubAPI, stop_user_servers
 
@@ -45,11 +46,13 @@ def _publish(site: Site, report: TeardownReport) -> TeardownReport:
 
 
 @flow(name="teardown")
-def teardown(site: str = "local", dry_run: bool = False) -> TeardownReport | FlowPlan:
+def teardown(site: str = "local", dry_run: bool = False, approve: bool = False) -> TeardownReport | FlowPlan:
     """Stop the site and keep everything in a verified restore point.
 
     site: a site name in sites/ (or a site file's path).
     dry_run: only say what would be stopped, kept and deleted; change nothing.
+    approve: on a gke site in destroy mode, delete the cluster and the snapshotted disks without
+    waiting for an operator (the site file's gke.shutdown.approve_destroy does so for every run).
     """
     the_site, platform = open_site(site, "teardown")
     logger = get_run_logger()
@@ -68,11 +71,16 @@ def teardown(site: str = "local", dry_run: bool = False) -> TeardownReport | Flo
         if decision.kind == "finish":
             # A teardown already wrote a verified restore point; finish its deletion only.
             logger.info("restore point %s is complete; finishing the teardown it began", decision.restore_point)
+            if release := platform.plan_release(decision.restore_point):
+                approved(the_site, "teardown", release, approve)
             platform.release_runtime()
             platform.write_mark("torn-down", decision.restore_point)
+            # Retention as a fresh teardown applies it: a run killed after its mark would
+            # otherwise leave every later point unpruned.
+            pruned = platform.prune_restore_points(protect={decision.restore_point})
             return _publish(the_site, TeardownReport(
                 site=the_site.name, restore_point=decision.restore_point, users=[], files=0, bytes=0,
-                seconds=time.monotonic() - started, already_torn_down=decision.already_torn_down,
+                seconds=time.monotonic() - started, already_torn_down=decision.already_torn_down, pruned=pruned,
             ))
         # Before anything is stopped: the restore point must be writable in full.
         platform.check_backup_room(data.bytes)
@@ -90,6 +98,10 @@ def teardown(site: str = "local", dry_run: bool = False) -> TeardownReport | Flo
         platform.verify_user_data(point_id)
         logger.info("restore point %s verified: %d files, %d bytes", point_id, kept.files, kept.bytes)
         checkpoint("teardown", "verify")
+        if release := platform.plan_release(point_id):
+            # Nothing is deleted yet: rejected or timed out, the site keeps running and the
+            # restore point stays (complete, for the next teardown's retention).
+            approved(the_site, "teardown", release, approve)
         platform.write_mark("deleting", point_id)
         checkpoint("teardown", "mark")
         platform.release_runtime()

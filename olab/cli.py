@@ -152,7 +152,7 @@ def cmd_teardown(args: argparse.Namespace) -> int:
             f"  pruned: {', '.join(r.pruned) or 'none'}; `olab restore` brings it back",
         ]
 
-    return _run_flow("teardown", lambda: teardown(site=args.site, dry_run=args.dry_run), summary)
+    return _run_flow("teardown", lambda: teardown(site=args.site, dry_run=args.dry_run, approve=args.approve), summary)
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--no-check", action="store_true", help="skip the health check")
         if name == "provision":
             cmd.add_argument("--approve", action="store_true", help="apply a plan that destroys or replaces something without waiting (CI)")
+        if name == "teardown":
+            cmd.add_argument("--approve", action="store_true",
+                             help="gke destroy mode: delete the cluster and the snapshotted disks without waiting for an approval")
         if name in FLOWS:
             cmd.add_argument("--dry-run", action="store_true", help="say what would be done, and change nothing")
         if name == "restore":

@@ -3,8 +3,8 @@
 Built: provision-cluster (terraform plan -> approval when destructive -> apply ->
 the cluster and its pools ready through GKE's API -> a kubeconfig); build-image /
 test-notebooks with the image in the site's Artifact Registry; deploy-hub (Helm,
-Zero-to-JupyterHub, secrets from Vault); the weekend shutdown in scale-to-zero mode.
-Not yet: the shutdown's destroy mode (disk snapshots, terraform destroy).
+Zero-to-JupyterHub, secrets from Vault); the weekend shutdown in both modes
+(targets/gke_shutdown.py).
 """
 
 from __future__ import annotations
@@ -49,8 +49,9 @@ from core.restore_points import RestorePoint, TeardownMark, plan_prune
 from core.platform import TargetNotReady
 from core.secrets import HubSecrets
 from core.state import load_state, update_state
-from tasks.gcs import RestorePointStore, storage_client
+from tasks.gcs import RestorePointStore
 from tasks.terraform import PlanSummary, Terraform
+from targets.gke_shutdown import GkeShutdown
 
 # stop-hub is not among them: on GKE the hub stops with its pool, in the weekend shutdown.
 READY = frozenset({"provision-cluster", "build-image", "test-notebooks", "deploy-hub", "release", "teardown", "restore"})
@@ -78,6 +79,8 @@ def terraform_variables(site: Site) -> dict:
         "registry_repository": gke.registry_repository,
         "static_ip_name": f"{gke.cluster_name}-hub",
         "labels": {"olab-site": site.name},
+        # The weekend shutdown's destroy mode plans with false (targets/gke_shutdown.py).
+        "cluster": True,
     }
 
 
@@ -100,7 +103,7 @@ def infra_plan(plan: PlanSummary) -> InfraPlan:
     )
 
 
-class GkePlatform:
+class GkePlatform(GkeShutdown):
     def __init__(self, site: Site):
         if site.config.gke is None:
             raise TargetNotReady(f"site {site.name}: target gke needs a gke section")
@@ -114,9 +117,6 @@ class GkePlatform:
         self._kubeconfig_fresh = False
 
     def not_ready(self, flow: str) -> str | None:
-        if flow in ("teardown", "restore") and self.gke.shutdown.mode == "destroy":
-            return (f"site {self.site.name}: target gke: {flow} in gke.shutdown.mode destroy (snapshots, then terraform "
-                    "destroy) is not built yet; scale-to-zero is")
         if flow in READY:
             return None
         return (
@@ -401,6 +401,8 @@ class GkePlatform:
     def hub_state(self) -> HubState:
         from tasks.hub_api import hub_version
 
+        if self._cluster_gone():
+            return self.cluster_gone_state()
         facts = self._release_facts()
         recorded = load_state(self.site).hub
         running = facts.deployed_revision is not None
@@ -424,178 +426,3 @@ class GkePlatform:
 
     def hub_access(self) -> HubAccess:
         return HubAccess(url=self.gke.url, token=self._secrets().api_token)
-
-    # The weekend shutdown. scale-to-zero: the pools go to 0 nodes, disks and cluster stay;
-    # the restore point (in the state bucket) records the claims and the image to come back to.
-    def _store(self) -> RestorePointStore:
-        if self._points is None:
-            prefix = backend_settings(self.site)["prefix"]
-            self._points = RestorePointStore(storage_client(self.gke.apis, self.gke.project), self.gke.terraform_state_bucket, prefix)
-        return self._points
-
-    def _clusters(self):
-        from tasks.gke import cluster_manager
-
-        return cluster_manager(self.gke.apis)
-
-    def _pool_names(self) -> dict[str, str]:
-        infra = load_state(self.site).infra
-        return {"core": infra.get("core_pool", "core"), "user": infra.get("user_pool", "user")}
-
-    def _resize(self, pool: str, nodes: int) -> None:
-        from tasks.gke import set_pool_size
-
-        name = self._pool_names()[pool]
-        task_logger().info("pool %s of cluster %s: %d nodes", name, self.gke.cluster_name, nodes)
-        set_pool_size(self._clusters(), self.gke.project, self.gke.location, self.gke.cluster_name, name, nodes,
-                      timeout=float(self.gke.cluster_ready_timeout_seconds), poll=float(self.gke.poll_seconds))
-
-    def _claims(self):
-        from tasks.kubernetes import api_from_kubeconfig, user_claims
-
-        return user_claims(api_from_kubeconfig(self._kubeconfig()), self.gke.namespace)
-
-    def _destroy_mode(self, flow: str) -> None:
-        if self.gke.shutdown.mode == "destroy":
-            raise TargetNotReady(f"site {self.site.name}: gke.shutdown.mode destroy: {flow} by snapshots is not built yet; use scale-to-zero")
-
-    def stop_hub(self) -> bool:
-        """Every user server stopped through the hub; no pool is touched.
-
-        The core pool (hub, proxy) goes to 0 nodes in release_runtime, once a restore point is
-        COMPLETE and the mark says so: scaled down here, before the restore point, a teardown
-        killed after this step would leave a site no run could finish (its hub unreachable, yet
-        its release deployed: the rerun's teardown must stop user servers through that hub, and
-        restore finds no mark, so it only redeploys, which does not size the pools)."""
-        from tasks.hub_api import hub_version, stop_user_servers
-
-        running = hub_version(self.gke.url) is not None
-        if running:
-            stop_user_servers(self.hub_access(), float(self.site.config.hub.start_timeout_seconds))
-        return running
-
-    def data_facts(self) -> DataFacts:
-        mark = self.read_mark()
-        if mark is not None and mark.phase == "torn-down":
-            return DataFacts(exists=False, where=f"cluster {self.gke.cluster_name}")
-        claims = [c for c in self._claims() if c.kind == "user"]
-        return DataFacts(
-            exists=self._release_facts().deployed_revision is not None,
-            users=sorted(c.username or c.claim for c in claims), files=len(claims),
-            bytes=sum(_gib(c.size) for c in claims), where=f"cluster {self.gke.cluster_name}",
-        )
-
-    def check_backup_room(self, needed_bytes: int) -> None:
-        self._store().check()
-
-    def save_user_data(self, point_id: str, users: list[str]) -> RestorePointSummary:
-        self._destroy_mode("teardown")
-        state = load_state(self.site)
-        image = state.hub.image if state.hub else state.image
-        claims = self._claims()
-        manifest = {
-            "schema_version": 1, "id": point_id, "site": self.site.name, "mode": self.gke.shutdown.mode,
-            "created": datetime.now(UTC).isoformat(), "cluster": self.gke.cluster_name, "location": self.gke.location,
-            "pools": {pool: {"name": name, "nodes_after_restore": self._restore_size(pool)} for pool, name in self._pool_names().items()},
-            "claims": [c.model_dump(mode="json") for c in claims],
-            "image_ref": image.model_dump(mode="json") if image else None,
-            "release_hash": self._release_facts().deployed_hash,
-        }
-        self._store().write_manifest(point_id, manifest)
-        user_claims = [c for c in claims if c.kind == "user"]
-        return RestorePointSummary(id=point_id, users=sorted(c.username or c.claim for c in user_claims), files=len(user_claims),
-                                   bytes=sum(_gib(c.size) for c in user_claims), image=image)
-
-    def _restore_size(self, pool: str) -> int:
-        settings = self.gke.core_pool if pool == "core" else self.gke.user_pool
-        return max(settings.min_nodes, 1) if pool == "core" else settings.min_nodes
-
-    def verify_user_data(self, point_id: str) -> None:
-        manifest = self._store().read_manifest(point_id)
-        named = {c["claim"] for c in manifest.get("claims", [])}
-        missing = sorted({c.claim for c in self._claims()} - named)
-        if missing:
-            raise RuntimeError(f"restore point {point_id} does not name the claims {', '.join(missing)}")
-        self._store().mark_complete(point_id)
-
-    def release_runtime(self) -> None:
-        self._destroy_mode("teardown")
-        self._resize("user", 0)
-        self._resize("core", 0)
-
-    def restore_points(self) -> list[RestorePoint]:
-        return self._store().points()
-
-    def prune_restore_points(self, protect: set[str]) -> list[str]:
-        doomed = plan_prune(self.restore_points(), self.site.config.backups.keep, protect)
-        for point in doomed:
-            self._store().delete_point(point.id)
-        return [p.id for p in doomed]
-
-    def bring_back_user_data(self, point_id: str) -> list[UserRestore]:
-        """The pools back at their sizes, the cluster ready, and every claim still bound to
-        the disk the restore point names."""
-        from tasks.gke import wait_until_ready
-
-        manifest = self._store().read_manifest(point_id)
-        if manifest.get("mode") != "scale-to-zero":
-            self._destroy_mode("restore")
-        for pool in ("core", "user"):
-            self._resize(pool, int(manifest["pools"][pool]["nodes_after_restore"]))
-        wait_until_ready(self._clusters(), self.gke.project, self.gke.location, self.gke.cluster_name,
-                         [p["name"] for p in manifest["pools"].values()],
-                         timeout=float(self.gke.cluster_ready_timeout_seconds), poll=float(self.gke.poll_seconds))
-        now = {c.claim: c for c in self._claims()}
-        restored = []
-        for kept in manifest["claims"]:
-            current = now.get(kept["claim"])
-            if current is None or current.phase != "Bound" or (current.disk and current.disk.model_dump(mode="json")) != kept.get("disk"):
-                raise RuntimeError(f"claim {kept['claim']} is not bound to the disk restore point {point_id} names")
-            if kept["kind"] == "user":
-                restored.append(UserRestore(user=kept.get("username") or kept["claim"], files=1, bytes=_gib(kept.get("size", "")), verified=True))
-        if image := manifest.get("image_ref"):
-            # The site's image is the restore point's again, as a local restore brings back the
-            # site state it kept. A restore killed after it cleared its mark, run again, finds the
-            # site up and only makes sure the hub is deployed: with this image, the one the
-            # killed run deployed (without it, a hub deployed with an image given by hand has none
-            # recorded: "no image built yet", and the rerun never succeeds).
-            update_state(self.site, image=ImageRef.model_validate(image))
-        return restored
-
-    def swap_in_restored(self) -> None:
-        """Nothing to swap: with scale-to-zero the disks never left their claims."""
-
-    def restore_point_image(self, point_id: str) -> ImageRef | None:
-        image = self._store().read_manifest(point_id).get("image_ref")
-        return ImageRef.model_validate(image) if image else None
-
-    def read_mark(self) -> TeardownMark | None:
-        return self._store().read_mark()
-
-    def write_mark(self, phase: str, point_id: str) -> None:
-        self._store().write_mark(phase, point_id)
-
-    def clear_mark(self) -> None:
-        self._store().clear_mark()
-
-    def shutdown_savings(self) -> list[str]:
-        """The cost artifact's lines: node-hours (and in destroy mode cluster-hours) the schedule saves."""
-        schedules = self.site.config.schedules
-        hours = hours_off(schedules.teardown, schedules.restore, schedules.timezone)
-        pools = {
-            "core": (self.gke.core_pool.machine_type, max(self.gke.core_pool.min_nodes, 1)),
-            "user": (self.gke.user_pool.machine_type, self.gke.user_pool.max_nodes),
-        }
-        saved = shutdown_savings(pools, hours, self.gke.shutdown.mode, self.gke.prices)
-        return [f"{saved.hours:.0f} hours off a week ({schedules.teardown} to {schedules.restore}, {schedules.timezone})",
-                *saved.lines, f"saved per weekend: up to {saved.amount:.2f} {saved.currency} (user pool at its maximum)"]
-
-
-def _gib(size: str) -> int:
-    """Bytes of a Kubernetes quantity such as 10Gi (0 when there is none)."""
-    import re
-
-    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)?", size or "")
-    if not match:
-        return 0
-    return int(match.group(1)) * {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}[match.group(2)]

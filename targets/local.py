@@ -151,6 +151,10 @@ class LocalPlatform:
     def verify_user_data(self, point_id: str) -> None:
         backup.verify_restore_point(self.site.paths.backups / point_id, self._manifest(point_id))
 
+    def plan_release(self, point_id: str) -> InfraPlan | None:
+        """None: the runtime folder is deleted only after its restore point is verified."""
+        return None
+
     def release_runtime(self) -> None:
         host.delete_runtime(self.site)
 

@@ -626,3 +626,154 @@ def user_claims(
     by_name = {pv.metadata.name: pv for pv in volumes.items}
     found = [claim_binding(pvc, by_name.get(pvc.spec.volume_name) if pvc.spec else None, kind) for pvc, kind in wanted]
     return sorted(found, key=lambda c: (c.kind != "hub", c.claim))
+
+
+# ---- claims on restored disks (the weekend shutdown's destroy mode) --------------------
+
+PD_CSI_DRIVER = "pd.csi.storage.gke.io"
+ZONE_KEY = "topology.gke.io/zone"
+USERNAME_ANNOTATION = "hub.jupyter.org/username"
+
+
+class RestoredClaim(BaseModel):
+    """A claim to bind again, statically, to a disk made from its snapshot: the volume
+    (``Retain``, so that deleting the claim never deletes the disk) and the claim of the
+    same name as before. ``helm_release`` (the hub's claim): the claim carries Helm's
+    ownership marks, so that the chart, installed after it, adopts it instead of
+    refusing to overwrite it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    claim: str
+    namespace: str
+    volume: str
+    disk: GceDisk
+    size: str
+    storage_class: str | None = None
+    access_modes: list[str] = ["ReadWriteOnce"]
+    labels: dict[str, str] = {}
+    username: str | None = None
+    helm_release: str | None = None
+
+
+def persistent_volume(want: RestoredClaim) -> k8s.V1PersistentVolume:
+    """The volume for a restored disk, pre-bound to its claim (pure)."""
+    return k8s.V1PersistentVolume(
+        api_version="v1",
+        kind="PersistentVolume",
+        metadata=k8s.V1ObjectMeta(name=want.volume, labels={"olab.restored": "true"}),
+        spec=k8s.V1PersistentVolumeSpec(
+            access_modes=list(want.access_modes),
+            capacity={"storage": want.size},
+            claim_ref=k8s.V1ObjectReference(
+                api_version="v1", kind="PersistentVolumeClaim", namespace=want.namespace, name=want.claim
+            ),
+            persistent_volume_reclaim_policy="Retain",
+            storage_class_name=want.storage_class,
+            volume_mode="Filesystem",
+            csi=k8s.V1CSIPersistentVolumeSource(driver=PD_CSI_DRIVER, fs_type="ext4", volume_handle=want.disk.path),
+            node_affinity=k8s.V1VolumeNodeAffinity(
+                required=k8s.V1NodeSelector(
+                    node_selector_terms=[
+                        k8s.V1NodeSelectorTerm(
+                            match_expressions=[
+                                k8s.V1NodeSelectorRequirement(key=ZONE_KEY, operator="In", values=[want.disk.location])
+                            ]
+                        )
+                    ]
+                )
+            ),
+        ),
+    )
+
+
+def persistent_volume_claim(want: RestoredClaim) -> k8s.V1PersistentVolumeClaim:
+    """The claim, named as before and asking for exactly its volume (pure)."""
+    annotations = {}
+    labels = dict(want.labels)
+    if want.username:
+        annotations[USERNAME_ANNOTATION] = want.username
+    if want.helm_release:
+        labels["app.kubernetes.io/managed-by"] = "Helm"
+        annotations["meta.helm.sh/release-name"] = want.helm_release
+        annotations["meta.helm.sh/release-namespace"] = want.namespace
+    return k8s.V1PersistentVolumeClaim(
+        api_version="v1",
+        kind="PersistentVolumeClaim",
+        metadata=k8s.V1ObjectMeta(
+            name=want.claim, namespace=want.namespace, labels=labels or None, annotations=annotations or None
+        ),
+        spec=k8s.V1PersistentVolumeClaimSpec(
+            access_modes=list(want.access_modes),
+            resources=k8s.V1VolumeResourceRequirements(requests={"storage": want.size}),
+            storage_class_name=want.storage_class,
+            volume_mode="Filesystem",
+            volume_name=want.volume,
+        ),
+    )
+
+
+def _create_or_found(
+    what: str, create: Callable[[], Any], read: Callable[[], Any], *, retries: int, backoff: float, deadline: float
+) -> tuple[Any, bool]:
+    """Create; one that exists already (409: an earlier run's) is read back instead.
+    (the object, whether it was made now)"""
+    try:
+        return _call(what, create, deadline, retries, backoff), True
+    except KubernetesApiError as exc:
+        if exc.code != 409:
+            raise
+    return _call(what.replace("create", "read", 1), read, deadline, retries, backoff), False
+
+
+def ensure_namespace(api: k8s.ApiClient, namespace: str, *, retries: int = 5, backoff: float = 1.0) -> None:
+    """The namespace exists (made when it does not: a new cluster has none of ours)."""
+    core = k8s.CoreV1Api(api)
+    deadline = time.monotonic() + 600
+    body = k8s.V1Namespace(api_version="v1", kind="Namespace", metadata=k8s.V1ObjectMeta(name=namespace))
+    _create_or_found(
+        f"create namespace {namespace}",
+        lambda: core.create_namespace(body, _request_timeout=REQUEST_TIMEOUT),
+        lambda: core.read_namespace(namespace, _request_timeout=REQUEST_TIMEOUT),
+        retries=retries, backoff=backoff, deadline=deadline,
+    )
+
+
+def bind_restored_claims(
+    api: k8s.ApiClient, wants: list[RestoredClaim], *, retries: int = 5, backoff: float = 1.0
+) -> list[str]:
+    """Each claim bound again to its restored disk: its volume and its claim created (an
+    earlier run's are taken as they are, when they name the same disk and volume; any other
+    is an error naming it, and nothing of it is changed). The claims that were created."""
+    core = k8s.CoreV1Api(api)
+    deadline = time.monotonic() + 600
+    made = []
+    for want in wants:
+        pv, _ = _create_or_found(
+            f"create persistent volume {want.volume}",
+            lambda: core.create_persistent_volume(persistent_volume(want), _request_timeout=REQUEST_TIMEOUT),
+            lambda: core.read_persistent_volume(want.volume, _request_timeout=REQUEST_TIMEOUT),
+            retries=retries, backoff=backoff, deadline=deadline,
+        )
+        found = volume_disk(pv)
+        if found is None or (found.name, found.location) != (want.disk.name, want.disk.location):
+            raise KubernetesError(
+                f"persistent volume {want.volume} exists on {found.path if found else 'no GCE disk'}, not on {want.disk.path}"
+            )
+        pvc, created = _create_or_found(
+            f"create persistent volume claim {want.namespace}/{want.claim}",
+            lambda: core.create_namespaced_persistent_volume_claim(
+                want.namespace, persistent_volume_claim(want), _request_timeout=REQUEST_TIMEOUT
+            ),
+            lambda: core.read_namespaced_persistent_volume_claim(want.claim, want.namespace, _request_timeout=REQUEST_TIMEOUT),
+            retries=retries, backoff=backoff, deadline=deadline,
+        )
+        if (pvc.spec.volume_name if pvc.spec else None) != want.volume:
+            raise KubernetesError(
+                f"claim {want.namespace}/{want.claim} exists on volume {pvc.spec.volume_name if pvc.spec else None}, "
+                f"not on {want.volume} (the restored disk {want.disk.name})"
+            )
+        if created:
+            made.append(want.claim)
+    task_logger().info("claims bound to restored disks: %d (%d made now)", len(wants), len(made))
+    return made

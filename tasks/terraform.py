@@ -225,9 +225,12 @@ class Terraform:
         logger = task_logger()
         for attempt in range(1, self.attempts + 1):
             try:
+                # Through a file, not a pipe: killed with this process, terraform would die
+                # halfway and leave the state locked; so it finishes and unlocks (a rerun
+                # waits for it through -lock-timeout).
                 result = run(
                     argv, env=self.env, secrets=self.secrets, check=False, timeout=self.timeout,
-                    on_line=None if quiet else (self.on_line or logger.info),
+                    on_line=None if quiet else (self.on_line or logger.info), output_file=self.work / "terraform.log",
                 )
             except CommandError as exc:  # timed out
                 raise TerraformError(f"{self.tool} {args[0]} timed out after {self.timeout:.0f}s") from None
@@ -258,10 +261,12 @@ class Terraform:
             args.append(f"-backend-config={self.work / 'backend.hcl'}")
         self._run(*args)
 
-    def plan(self, *, destroy: bool = False) -> PlanSummary:
+    def plan(self, *, destroy: bool = False, variables: Mapping[str, Any] | None = None) -> PlanSummary:
+        """A saved plan; ``variables`` override the module's for this plan only."""
         plan_file = self.work / ("destroy.tfplan" if destroy else "olab.tfplan")
         # The variables as they are now, in a private file (never -var on the command line).
-        atomic_write(self.work / "olab.tfvars.json", json.dumps(self.variables, indent=2, sort_keys=True), mode=0o600)
+        values = {**self.variables, **(variables or {})}
+        atomic_write(self.work / "olab.tfvars.json", json.dumps(values, indent=2, sort_keys=True), mode=0o600)
         args = [
             "plan", "-input=false", "-no-color", "-detailed-exitcode", f"-lock-timeout={self.lock_timeout}",
             f"-var-file={self.work / 'olab.tfvars.json'}", f"-out={plan_file}",

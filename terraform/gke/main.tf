@@ -3,6 +3,8 @@ locals {
 }
 
 resource "google_container_cluster" "olab" {
+  # Absent while the site is shut down in destroy mode (var.cluster = false).
+  count    = var.cluster ? 1 : 0
   name     = var.cluster_name
   location = local.location
 
@@ -32,9 +34,10 @@ resource "google_container_cluster" "olab" {
 }
 
 resource "google_container_node_pool" "core" {
+  count    = var.cluster ? 1 : 0
   name     = "core"
-  cluster  = google_container_cluster.olab.name
-  location = google_container_cluster.olab.location
+  cluster  = google_container_cluster.olab[0].name
+  location = google_container_cluster.olab[0].location
 
   # initial_node_count forces a new pool when it changes; the autoscaler owns
   # the size after creation, so a new min_nodes must not replace the pool.
@@ -72,9 +75,10 @@ resource "google_container_node_pool" "core" {
 }
 
 resource "google_container_node_pool" "user" {
+  count    = var.cluster ? 1 : 0
   name     = "user"
-  cluster  = google_container_cluster.olab.name
-  location = google_container_cluster.olab.location
+  cluster  = google_container_cluster.olab[0].name
+  location = google_container_cluster.olab[0].location
 
   # Same reason as the core pool: the autoscaler owns the size after creation.
   initial_node_count = var.user_pool.min_nodes
@@ -136,4 +140,21 @@ resource "google_artifact_registry_repository" "images" {
 resource "google_compute_global_address" "hub" {
   name   = var.static_ip_name
   labels = var.labels
+}
+
+# The cluster and its pools became counted (var.cluster): state written before that
+# keeps its resources, at index 0, rather than planning them destroyed and made anew.
+moved {
+  from = google_container_cluster.olab
+  to   = google_container_cluster.olab[0]
+}
+
+moved {
+  from = google_container_node_pool.core
+  to   = google_container_node_pool.core[0]
+}
+
+moved {
+  from = google_container_node_pool.user
+  to   = google_container_node_pool.user[0]
 }

@@ -1,21 +1,21 @@
 output "cluster_name" {
-  value = google_container_cluster.olab.name
+  value = var.cluster_name
 }
 
 output "location" {
   description = "Zone of a zonal cluster, region of a regional one."
-  value       = google_container_cluster.olab.location
+  value       = local.location
 }
 
 output "endpoint" {
-  description = "The control plane's address."
-  value       = google_container_cluster.olab.endpoint
+  description = "The control plane's address (null while the cluster is absent)."
+  value       = one(google_container_cluster.olab[*].endpoint)
 }
 
 output "ca_certificate" {
   # The cluster's public CA (base64): needed to trust the endpoint, not a secret.
   description = "The cluster CA certificate, base64 encoded."
-  value       = google_container_cluster.olab.master_auth[0].cluster_ca_certificate
+  value       = try(google_container_cluster.olab[0].master_auth[0].cluster_ca_certificate, null)
 }
 
 output "static_ip" {
@@ -34,13 +34,13 @@ output "registry" {
 }
 
 output "core_pool" {
-  value = google_container_node_pool.core.name
+  value = "core"
 }
 
 output "user_pool" {
-  value = google_container_node_pool.user.name
+  value = "user"
 }
 
 output "workload_pool" {
-  value = google_container_cluster.olab.workload_identity_config[0].workload_pool
+  value = "${var.project}.svc.id.goog"
 }

@@ -83,3 +83,9 @@ variable "labels" {
   type        = map(string)
   default     = {}
 }
+
+variable "cluster" {
+  description = "Whether the cluster and its node pools exist: false removes them (the weekend shutdown's destroy mode) and keeps the registry and the hub's address."
+  type        = bool
+  default     = true
+}

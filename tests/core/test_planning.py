@@ -130,3 +130,37 @@ def test_plan_restore():
     with pytest.raises(Refused, match="rp-2 is incomplete"):
         plan_restore("s", mark("torn-down"), False, points, "rp-2")
     assert [s.verb for s in restore_steps(decision, "/rt")] == ["finish", "restore", "start"]
+
+
+def _claim(name: str, disk: str | None, **extra) -> dict:
+    found = {"claim": name, "namespace": "olab", "kind": "user", "phase": "Bound" if disk else "Pending",
+             "volume": f"pvc-{name}" if disk else None,
+             "disk": {"name": disk, "location": "europe-west2-a", "project": "p-1", "regional": False} if disk else None}
+    if extra.get("disk_fields"):
+        found["disk"].update(extra.pop("disk_fields"))
+    return {**found, **extra}
+
+
+def test_disks_to_snapshot_skip_pending_claims_and_refuse_what_a_snapshot_cannot_keep():
+    from core.planning import DiskOfClaim, by_zone, disks_to_snapshot
+
+    disks, skipped = disks_to_snapshot([_claim("claim-ann", "d-ann"), _claim("claim-new", None)], "p-1")
+    assert disks == [DiskOfClaim("claim-ann", "europe-west2-a", "d-ann")] and skipped == ["claim-new"]
+    assert list(by_zone(disks)) == ["europe-west2-a"]
+    bad = [_claim("claim-r", "d-r", disk_fields={"regional": True}), _claim("claim-p", "d-p", disk_fields={"project": "other"}),
+           {**_claim("claim-nfs", None), "phase": "Bound", "volume": "nfs-1"}]
+    with pytest.raises(Refused) as refused:
+        disks_to_snapshot(bad, "p-1")
+    assert "d-r is regional" in str(refused.value) and "project other" in str(refused.value) and "nfs-1" in str(refused.value)
+
+
+def test_claims_to_restore_need_a_ready_snapshot_of_the_same_disk():
+    from core.planning import claims_to_restore
+
+    snap = {"name": "s-ann", "status": "READY", "source_disk": "d-ann"}
+    manifest = {"id": "rp-1", "claims": [_claim("claim-ann", "d-ann"), _claim("claim-new", None)], "snapshots": {"claim-ann": snap}}
+    (want,) = claims_to_restore(manifest)
+    assert (want.disk, want.snapshot, want.zone) == ("d-ann", "s-ann", "europe-west2-a")
+    for broken in ({}, {"claim-ann": {**snap, "status": "UPLOADING"}}, {"claim-ann": {**snap, "source_disk": "d-other"}}):
+        with pytest.raises(Refused, match="rp-1: no READY snapshot recorded for claim-ann"):
+            claims_to_restore({**manifest, "snapshots": broken})

@@ -119,3 +119,36 @@ def test_a_server_that_never_answers_is_stopped(tmp_path):
     with pytest.raises(ServerDidNotStart, match="did not answer within 1s"):
         start_server([sys.executable, "-c", "import time; time.sleep(60)"], cwd=tmp_path,
                      log_file=tmp_path / "srv.log", ready=lambda: False, timeout=1, what="the test server")
+
+
+def test_output_through_a_file_is_streamed_private_and_masked(tmp_path):
+    seen = []
+    log = tmp_path / "out.log"
+    result = run(["sh", "-c", "echo one; sleep 0.2; echo two s3cret; printf three"], on_line=seen.append,
+                 secrets=["s3cret"], output_file=log)
+    assert seen == ["one", "two ****", "three"] and result.output == "one\ntwo ****\nthree"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("through_file", [False, True])
+def test_a_command_outlives_its_callers_kill_only_when_its_output_goes_to_a_file(tmp_path, through_file):
+    # The caller is killed (SIGKILL) while the command runs; the command writes once more,
+    # then leaves a marker. Through a pipe, that write kills it (SIGPIPE); through a file, it
+    # finishes (terraform so releases its state lock).
+    import signal
+    import subprocess
+
+    marker, started = tmp_path / "finished", tmp_path / "started"
+    caller = (
+        "from pathlib import Path; from core.runner import run\n"
+        f"run(['sh', '-c', 'touch {started}; sleep 1; echo after; echo ok > {marker}'], "
+        f"output_file=Path({str(tmp_path / 'out.log')!r}) if {through_file} else None)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", caller], cwd=os.getcwd())
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(1.5)
+    assert marker.exists() is through_file

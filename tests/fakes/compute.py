@@ -118,12 +118,14 @@ class _Work:
     that shares this work is polled."""
 
     steps: list[list] = field(default_factory=list)
+    # The last step also waits for the clock (time.monotonic): a benchmark's modelled latency.
+    not_before: float = 0.0
 
     def tick(self) -> None:
         if not self.steps:
             return
         self.steps[0][0] -= 1
-        if self.steps[0][0] <= 0:
+        if self.steps[0][0] <= 0 and (len(self.steps) > 1 or time.monotonic() >= self.not_before):
             _, then = self.steps.pop(0)
             then()
 
@@ -217,12 +219,14 @@ class FakeCompute:
         operation_polls: int = 2,
         page_size: int = 500,
         latency: float = 0.0,
+        disk_seconds: float = 0.0,
     ):
         if operation_polls < 1 or disk_polls < 1 or min(snapshot_polls) < 1:
             raise ValueError("polls: at least 1 (a resource answers its first state at least once)")
         self.project, self.zone = project, zone
         self.snapshot_polls, self.disk_polls, self.operation_polls = snapshot_polls, disk_polls, operation_polls
-        self.page_size, self.latency = page_size, latency
+        # disk_seconds: a disk made from a snapshot takes at least that long (modelled latency).
+        self.page_size, self.latency, self.disk_seconds = page_size, latency, disk_seconds
         self.disks: dict[tuple[str, str, str], _Disk] = {}
         self.snapshots: dict[tuple[str, str], _Snapshot] = {}
         self.operations: dict[str, _Op] = {}
@@ -767,7 +771,7 @@ class FakeCompute:
         def undo() -> None:
             self.disks.pop((project, zone, want.name), None)
 
-        state.work = _Work([[self.disk_polls, ready]])
+        state.work = _Work([[self.disk_polls, ready]], not_before=time.monotonic() + (self.disk_seconds if source else 0.0))
         return self._start(project, zone, "insert", msg.self_link, msg.id, state.work, undo=undo).msg
 
     def _route_disk(self, method: str, raw: str, query, project: str, zone: str, disk: str):

@@ -38,6 +38,7 @@ import itertools
 import json
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -121,17 +122,19 @@ class SeedPool:
 
 @dataclass(eq=False)
 class _Work:
-    """Something in progress: done after ``polls`` more polls of anything that shares it."""
+    """Something in progress: done after ``polls`` more polls of anything that shares it,
+    and not before the clock says ``not_before`` (time.monotonic; modelled latency)."""
 
     polls: int
     finish: Callable[[], None]
     done: bool = False
+    not_before: float = 0.0
 
     def tick(self) -> None:
         if self.done:
             return
         self.polls -= 1
-        if self.polls <= 0:
+        if self.polls <= 0 and time.monotonic() >= self.not_before:
             self.done = True
             self.finish()
 
@@ -194,12 +197,23 @@ class FakeGke:
         location: str = "europe-west2-a",
         operation_polls: int = 3,
         access_token: str = "ya29.fake-access-token",
+        operation_seconds: dict[str, float] | None = None,
+        cluster_endpoint: str | None = None,
+        cluster_ca: str | None = None,
     ):
+        """``operation_seconds``: an operation of that type (CREATE_CLUSTER, CREATE_NODE_POOL,
+        DELETE_CLUSTER, ...) also takes at least that long (a benchmark's modelled latency).
+        ``cluster_endpoint``/``cluster_ca``: what a cluster created through the API answers
+        once RUNNING (a test's fake Kubernetes API), instead of a made-up public address.
+        ``on_cluster_deleted``: callables run (with the cluster's name) when a deletion is done."""
         if operation_polls < 1:
             raise ValueError("operation_polls: at least 1 (an operation answers RUNNING at least once)")
         self.project = project
         self.location = location
         self.operation_polls = operation_polls
+        self.operation_seconds = dict(operation_seconds or {})
+        self.cluster_endpoint, self.cluster_ca = cluster_endpoint, cluster_ca
+        self.on_cluster_deleted: list[Callable[[str], None]] = []
         self.access_token = access_token
         self.clusters: dict[tuple[str, str, str], _Cluster] = {}
         self.operations: dict[str, _Op] = {}
@@ -441,7 +455,7 @@ class FakeGke:
             else:
                 finish()
 
-        op = _Op(msg, _Work(self.operation_polls, done))
+        op = _Op(msg, _Work(self.operation_polls, done, not_before=time.monotonic() + self.operation_seconds.get(kind, 0.0)))
         self.operations[name] = op
         state.operation = name
         return op
@@ -507,8 +521,8 @@ class FakeGke:
         def finish() -> None:
             # The endpoint and CA appear once the control plane is up.
             msg.status = gke.Cluster.Status.RUNNING
-            msg.endpoint = f"34.89.{next(self._ids) % 250}.{next(self._ids) % 250}"
-            msg.master_auth = gke.MasterAuth(cluster_ca_certificate=fake_ca_base64())
+            msg.endpoint = self.cluster_endpoint or f"34.89.{next(self._ids) % 250}.{next(self._ids) % 250}"
+            msg.master_auth = gke.MasterAuth(cluster_ca_certificate=self.cluster_ca or fake_ca_base64())
             for pool in state.pools.values():
                 pool.msg.status = gke.NodePool.Status.RUNNING
 
@@ -533,6 +547,8 @@ class FakeGke:
 
         def finish() -> None:
             self.clusters.pop((project, location, cluster), None)
+            for hook in self.on_cluster_deleted:
+                hook(cluster)
 
         def failed() -> None:
             state.msg.status = gke.Cluster.Status.ERROR

@@ -22,7 +22,7 @@ field sent under a wrong name is lost here as it would be there.
 
 What it models (``/api/v1``):
 
-* namespaces: list, get (a list in a namespace that does not exist is empty, as there;
+* namespaces: list, get, create (a list in a namespace that does not exist is empty, as there;
   a get or a create in it is 404);
 * pods: list (one namespace or all), get; ``labelSelector`` (``=``, ``==``, ``!=``, ``in``,
   ``notin``, ``key``, ``!key``) and ``fieldSelector`` (``status.phase``, ``spec.nodeName``,
@@ -229,7 +229,10 @@ _META_FIELDS = {"metadata.name", "metadata.namespace"}
 RESOURCES = {
     r.plural: r
     for r in (
-        Resource("namespaces", "Namespace", "V1Namespace", "V1NamespaceList", False, frozenset({"metadata.name", "status.phase"})),
+        Resource(
+            "namespaces", "Namespace", "V1Namespace", "V1NamespaceList", False, frozenset({"metadata.name", "status.phase"}),
+            frozenset({"get", "list", "create"}),
+        ),
         Resource("nodes", "Node", "V1Node", "V1NodeList", False, frozenset({"metadata.name", "spec.unschedulable"})),
         Resource(
             "persistentvolumes", "PersistentVolume", "V1PersistentVolume", "V1PersistentVolumeList", False,
@@ -756,6 +759,13 @@ class FakeKubernetes:
         """The stored object (a client model), or None."""
         with self.lock:
             return self.store.objects.get(self.store.key(resource, namespace, name))
+
+    def reset(self) -> None:
+        """Everything gone, as for a cluster deleted and made anew: namespaces, claims,
+        volumes, secrets (Helm's releases), pods, events; the nodes stay."""
+        with self.lock:
+            for key in [k for k in self.store.objects if k[0] != "nodes"]:
+                del self.store.objects[key]
 
     def names(self, resource: str, namespace: str | None = None) -> list[str]:
         with self.lock:
@@ -1327,6 +1337,10 @@ class FakeKubernetes:
             obj.status = k8s.V1PersistentVolumeStatus(phase="Available", last_phase_transition_time=_now())
         elif resource.plural == "secrets" and obj.type is None:
             obj.type = "Opaque"
+        elif resource.plural == "namespaces":
+            meta.labels = {**(meta.labels or {}), "kubernetes.io/metadata.name": meta.name}
+            obj.spec = k8s.V1NamespaceSpec(finalizers=["kubernetes"])
+            obj.status = k8s.V1NamespaceStatus(phase="Active")
         self._put(resource.plural, obj)
         self._bind()
         return self._item(obj)

@@ -96,7 +96,7 @@ def test_provision_plans_applies_waits_for_the_cluster_and_writes_a_kubeconfig(g
     config = yaml.safe_load(kubeconfig.read_text())
     assert config["clusters"][0]["cluster"]["server"] == "https://34.89.10.20"
     assert state(gcs)["outputs"]["core_pool"]["value"] == "core", "the state lives in the site's prefix of the bucket"
-    assert "| create | terraform_data.cluster |" in latest_artifact("physics-provision-cluster-plan").data
+    assert "| create | terraform_data.cluster[0] |" in latest_artifact("physics-provision-cluster-plan").data
 
     again = provision_cluster(site=str(path))
     assert {c.name: c.detail for c in again.checks}["terraform"] == "no changes; nothing applied"

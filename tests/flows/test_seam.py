@@ -121,6 +121,10 @@ class RecordingPlatform:
     def verify_user_data(self, point_id: str) -> None:
         self._call("verify_user_data")
 
+    def plan_release(self, point_id: str):
+        self._call("plan_release")
+        return None
+
     def release_runtime(self) -> None:
         self._call("release_runtime")
         self.torn_down = True
@@ -203,7 +207,7 @@ def test_the_lifecycle_runs_through_the_seam_alone(recorded):
     assert report.users == ["ann", "bob"] and report.files == 4
     assert take(platform) == [
         "data_facts", "read_mark", "check_backup_room:40", "hub_state", "hub_access", "stop_hub",
-        "save_user_data", "verify_user_data", "write_mark:deleting", "release_runtime", "write_mark:torn-down",
+        "save_user_data", "verify_user_data", "plan_release", "write_mark:deleting", "release_runtime", "write_mark:torn-down",
         "prune_restore_points", "shutdown_savings",
     ]
 

@@ -79,14 +79,3 @@ def test_a_claim_on_another_disk_after_the_weekend_stops_the_restore(lab, cluste
     lab.kube.add_claim("olab", "claim-bob", size="10Gi", disk="someone-elses-disk", annotations={"hub.jupyter.org/username": "bob"})
     with pytest.raises(RuntimeError, match="claim claim-bob is not bound to the disk"):
         restore(site=str(lab.path))
-
-
-def test_destroy_mode_is_refused_in_one_line(lab, cluster, capsys):  # noqa: F811
-    from olab.cli import main
-
-    data = yaml.safe_load(lab.path.read_text())
-    data["gke"]["shutdown"] = {"mode": "destroy"}
-    lab.path.write_text(yaml.safe_dump(data))
-    assert main(["teardown", "--site", str(lab.path)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "destroy" in err[0] and "not built yet" in err[0]

@@ -770,3 +770,42 @@ def test_the_fake_creates_lists_and_deletes_secrets(fake, api):
         core.delete_namespaced_secret("hub-extra", NS)
     assert caught.value.status == 404
     assert fake.calls(f"{SECRETS}/hub-extra", "DELETE") == 2
+
+
+# ---- claims bound again to restored disks (destroy mode) -------------------------------
+
+
+def restored(claim: str, disk: str, **extra) -> kube.RestoredClaim:
+    return kube.RestoredClaim(
+        claim=claim, namespace=NS, volume=f"pvc-{claim}", size="10Gi", storage_class="standard-rwo",
+        disk=kube.GceDisk(name=disk, location=ZONE, project=PROJECT), **extra,
+    )
+
+
+def test_restored_claims_bind_by_their_names_to_their_disks_and_a_rerun_takes_them_as_they_are(fake, api):
+    wants = [restored("claim-ann", "disk-ann", username="ann", labels={"component": "singleuser-storage"}),
+             restored("hub-db-dir", "disk-hub", helm_release="olab")]
+    kube.ensure_namespace(api, "fresh")
+    assert fake.get("namespaces", "fresh") is not None
+    kube.ensure_namespace(api, "fresh")  # already there: fine
+    assert kube.bind_restored_claims(api, wants) == ["claim-ann", "hub-db-dir"]
+    claims = {c.claim: c for c in kube.user_claims(api, NS)}
+    assert claims["claim-ann"].phase == "Bound" and claims["claim-ann"].disk.name == "disk-ann"
+    assert claims["claim-ann"].username == "ann" and claims["claim-ann"].reclaim_policy == "Retain"
+    assert claims["hub-db-dir"].disk.path == f"projects/{PROJECT}/zones/{ZONE}/disks/disk-hub"
+    hub = fake.get("persistentvolumeclaims", "hub-db-dir", NS)
+    assert hub.metadata.labels["app.kubernetes.io/managed-by"] == "Helm"
+    assert {k: v for k, v in hub.metadata.annotations.items() if k.startswith("meta.helm.sh/")} == {
+        "meta.helm.sh/release-name": "olab", "meta.helm.sh/release-namespace": NS}
+    pv = fake.get("persistentvolumes", "pvc-claim-ann")
+    assert pv.spec.node_affinity.required.node_selector_terms[0].match_expressions[0].values == [ZONE]
+    assert kube.bind_restored_claims(api, wants) == [], "a rerun makes nothing again"
+
+
+def test_a_claim_or_volume_already_elsewhere_is_refused_naming_it(fake, api):
+    fake.add_claim(NS, "claim-bob", disk="someone-elses-disk")
+    with pytest.raises(kube.KubernetesError, match=r"claim olab/claim-bob exists on volume pvc-.*, not on pvc-claim-bob"):
+        kube.bind_restored_claims(api, [restored("claim-bob", "disk-bob")])
+    fake.add_pv("pvc-claim-cy", disk="another-disk")
+    with pytest.raises(kube.KubernetesError, match=r"persistent volume pvc-claim-cy exists on .*/disks/another-disk, not on .*/disks/disk-cy"):
+        kube.bind_restored_claims(api, [restored("claim-cy", "disk-cy")])

@@ -36,6 +36,7 @@ GKE_VARIABLES = {
     "registry_repository",
     "static_ip_name",
     "labels",
+    "cluster",
 }
 GKE_OUTPUTS = {
     "cluster_name",
@@ -179,8 +180,21 @@ def test_pools_are_separate_from_the_cluster(gke):
     pools = resources(gke, "google_container_node_pool")
     assert set(pools) == {"core", "user"}
     for pool in pools.values():
-        assert pool["cluster"] == f"${{google_container_cluster.{cluster_name}.name}}"
-        assert pool["location"] == f"${{google_container_cluster.{cluster_name}.location}}"
+        assert pool["cluster"] == f"${{google_container_cluster.{cluster_name}[0].name}}"
+        assert pool["location"] == f"${{google_container_cluster.{cluster_name}[0].location}}"
+
+
+def test_cluster_and_pools_exist_only_while_var_cluster(gke):
+    # The weekend shutdown's destroy mode plans cluster = false: pools and cluster go, the
+    # registry and the hub's address stay (their DNS record and pinned images with them).
+    counted = {**resources(gke, "google_container_cluster"), **resources(gke, "google_container_node_pool")}
+    assert len(counted) == 3 and all(r["count"] == "${var.cluster ? 1 : 0}" for r in counted.values())
+    for kind in ("google_artifact_registry_repository", "google_compute_global_address"):
+        assert all("count" not in r for r in resources(gke, kind).values())
+    assert named(gke["variable"])["cluster"]["default"] is True
+    moved = [(m["from"], m["to"]) for m in gke.get("moved", [])]
+    assert ("${google_container_cluster.olab}", "${google_container_cluster.olab[0]}") in moved or \
+        ("google_container_cluster.olab", "google_container_cluster.olab[0]") in moved, moved
 
 
 def test_cluster_has_workload_identity_and_release_channel(gke):
