@@ -240,15 +240,16 @@ def plan_release(release_hash_now: str, facts: ReleaseFacts) -> tuple[HubAction,
 
 
 def hours_off(teardown_cron: str, restore_cron: str, timezone: str, *, after: datetime | None = None) -> float:
-    """Hours between a scheduled teardown and the restore that follows it (pure; the same
-    cron parser Prefect's schedules use)."""
+    """Hours between a scheduled teardown and the restore that follows it (pure; the cron
+    iterator Prefect's scheduler uses, its vendored croniter, as the site file's validation
+    does: a cron the site file accepts is one this reads the same way)."""
     from zoneinfo import ZoneInfo
 
-    from cronsim import CronSim
+    from prefect._vendor.croniter import croniter
 
     start = (after or datetime(2026, 1, 5, tzinfo=UTC)).astimezone(ZoneInfo(timezone))
-    down = next(CronSim(teardown_cron, start))
-    up = next(CronSim(restore_cron, down))
+    down = croniter(teardown_cron, start).get_next(datetime)
+    up = croniter(restore_cron, down).get_next(datetime)
     return (up - down).total_seconds() / 3600
 
 

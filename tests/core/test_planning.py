@@ -164,3 +164,11 @@ def test_claims_to_restore_need_a_ready_snapshot_of_the_same_disk():
     for broken in ({}, {"claim-ann": {**snap, "status": "UPLOADING"}}, {"claim-ann": {**snap, "source_disk": "d-other"}}):
         with pytest.raises(Refused, match="rp-1: no READY snapshot recorded for claim-ann"):
             claims_to_restore({**manifest, "snapshots": broken})
+
+
+def test_hours_off_reads_crons_as_prefect_does():
+    from core.planning import hours_off
+
+    assert hours_off("0 19 * * 5", "0 7 * * 1", "Europe/London") == 60
+    # A weekday range that wraps (Friday to Monday) is valid to Prefect, so it is read here too.
+    assert hours_off("0 0 * * 5-1", "0 6 * * 1", "UTC") == 78
