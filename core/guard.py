@@ -1,106 +1,279 @@
-"""The per-site concurrency guard: two lifecycle flows never run at once on one site.
+"""The per-site lifecycle lock: two lifecycle flows never run at once on one site.
 
-It is a Prefect global concurrency limit of one slot per site, so it holds
-across processes that share a Prefect server. A flow that runs another
-lifecycle flow as a subflow (release -> deploy-hub) already holds the slot, so
-the guard is re-entrant within one run.
+The lock is an ``flock`` on ``$OLAB_HOME/locks/<site>.lock`` (folder 0700, file
+0600), taken for the whole flow. The kernel ties it to the open file, so it is
+released the moment its process ends, however it ends (kill -9, the OOM killer,
+a power cut): there is nothing to reclaim, and it cannot be granted twice.
+``flock`` rather than ``lockf``: its locks belong to the open file, not to the
+process, so two threads of one process, each opening the file, exclude each
+other too (the guard tests run two flows in threads), and closing some other
+descriptor of the file does not drop it. The descriptor is not inherited by the
+programs a flow starts (Python opens files non-inheritable; subprocess closes
+the rest), so a hub a flow starts does not keep the lock; a ``fork`` without
+``exec`` of a holder would share it until both end.
 
-A process killed while holding the slot (a power cut, the OOM killer, the
-crash tests) would leave it taken: Prefect's embedded server keeps leases in
-memory and dies with that process. So each contender first records its pid in
-``$OLAB_HOME/locks/<site>/``; when the slot is taken but every recorded
-contender is dead, the slot is reclaimed. This is only done against a Prefect
-server on this machine, where every contender is one of those pids.
+A flow that runs another lifecycle flow as a subflow (release -> deploy-hub)
+already holds the lock, so the guard is re-entrant within one run: a ContextVar
+names the locks held, and the subflow runs in its parent's context.
+
+While the lock is held, ``<site>.holder.json`` next to it names the holder:
+flow, Prefect flow run (id, name), pid, host and since when (UTC). It is
+written (atomically) after the lock is taken and removed before it is
+released; a holder that was killed leaves it behind, and the next holder
+reports it and overwrites it.
+
+A waiter polls the lock, logs every 30 s whom it waits for, and gives up after
+:data:`WAIT_SECONDS` (30 minutes; the environment variable
+``OLAB_LOCK_WAIT_SECONDS`` overrides it, for operators and tests) with
+:class:`SiteBusy`, one line naming the holder.
+
+The Prefect global concurrency limit ``olab-site-<site>`` mirrors the lock for
+the UI, and nothing else: it never decides who runs. olab used to hold the slot
+itself, with ``prefect.concurrency.sync.concurrency(..., strict=True)``, and a
+Prefect server restart then cancelled a running teardown. That context manager
+takes the slot with a lease and renews it from a thread; in Prefect 3.9 a
+renewal that fails three times (server down), or that the server answers
+410 Gone, makes ``_handle_lease_renewal_failure`` call ``cancel()`` on a
+``WatcherThreadCancelScope``, which injects ``CancelledError`` into the flow's
+thread (``raise_on_lease_renewal_failure`` follows ``strict``). And a restarted
+server knows no lease at all: the default lease storage
+(``prefect.server.concurrency.lease_storage.memory``) lives in the server's
+memory, while the limit's ``active_slots`` live in its database. So after a
+restart every renewal is answered 410, releasing by lease is a silent no-op,
+and the slot stays taken for ever (waiters then waited for ever); with a
+non-strict lease, one that expired while the server was unreachable freed the
+slot under a running flow. So the mirror holds no lease: once the file lock is
+taken, the guard sets the limit's ``active_slots`` to 1, and to 0 just before
+it releases the lock. Those are plain writes to the server's database, which a
+restart keeps; nothing is renewed, so nothing can fail while the flow runs.
+Only the holder of the file lock writes them, in lock order, so the mirror is
+right unless a write failed (a warning; the flow goes on) or a holder was
+killed (the UI shows the site busy until the next flow on it). Without a
+Prefect server (``PREFECT_API_URL`` unset: a temporary server, whose UI nobody
+sees) there is nothing to mirror.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import math
 import os
 import socket
-import threading
+import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from contextvars import ContextVar
+from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlparse
-
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-from prefect.concurrency.sync import concurrency
+from typing import Any
 
 from core.config import Site, olab_home
+from core.files import write_json
 from core.logs import task_logger
 from core.runner import pid_alive
 
 _held: ContextVar[frozenset[str]] = ContextVar("olab_site_guards", default=frozenset())
-POLL_SECONDS = 2.0
-LEASE_SECONDS = 120.0
+
+# How long a lifecycle flow waits for its site's lock: a teardown or a restore of a
+# large class takes minutes, one that waits half an hour is better told who is in the way.
+WAIT_SECONDS = 30 * 60.0
+WAIT_VARIABLE = "OLAB_LOCK_WAIT_SECONDS"
+# A non-blocking flock is one system call: polling often costs nothing and keeps a
+# waiter's start prompt once the holder ends.
+POLL_SECONDS = 0.25
+REPORT_SECONDS = 30.0
+# A mirror write to a sick server must not hold the flow up for Prefect's full retry
+# schedule (minutes): one retry, each try bounded.
+MIRROR_TIMEOUT_SECONDS = 10.0
+
+
+class SiteBusy(RuntimeError):
+    """Another lifecycle flow held the site's lock for longer than this one would wait."""
 
 
 def limit_name(site: Site) -> str:
+    """The Prefect global concurrency limit that shows the site's lock in the UI."""
     return f"olab-site-{site.name}"
 
 
-def _contenders(site: Site) -> Path:
-    return olab_home() / "locks" / site.name
+def lock_dir() -> Path:
+    return olab_home() / "locks"
 
 
-def _local_server() -> bool:
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    return not url or urlparse(url).hostname in ("127.0.0.1", "localhost", "::1", socket.gethostname())
+def lock_file(site: Site) -> Path:
+    return lock_dir() / f"{site.name}.lock"
 
 
-def _reclaim_if_abandoned(client, name: str, site: Site, me: Path) -> None:
-    limit = client.read_global_concurrency_limit_by_name(name)
-    if limit.active_slots < 1 or not _local_server():
+def holder_file(site: Site) -> Path:
+    return lock_dir() / f"{site.name}.holder.json"
+
+
+def wait_limit() -> float:
+    """Seconds a flow waits for its site's lock: ``OLAB_LOCK_WAIT_SECONDS`` or :data:`WAIT_SECONDS`."""
+    raw = os.environ.get(WAIT_VARIABLE, "").strip()
+    if not raw:
+        return WAIT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{WAIT_VARIABLE}={raw!r}: give the seconds to wait for a site's lock (a number, 0 or more)")
+    return value
+
+
+def read_holder(site: Site) -> dict[str, Any] | None:
+    """The holder record of the site's lock, if one is there (it may be a killed holder's)."""
+    try:
+        record = json.loads(holder_file(site).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _who(record: dict[str, Any]) -> str:
+    flow = record.get("flow") or "a process outside any flow run"
+    run = f"run {record.get('run_name')!r} {record['run_id']}, " if record.get("run_id") else ""
+    return f"{flow} ({run}pid {record.get('pid')} on host {record.get('host')}) since {record.get('since')}"
+
+
+def describe_holder(site: Site) -> str:
+    """Who holds the site's lock, for a waiter's messages."""
+    record = read_holder(site)
+    if record is None:
+        return f"an unrecorded holder (no {holder_file(site).name} yet)"
+    if record.get("host") == socket.gethostname() and not pid_alive(record.get("pid")):
+        # The record of a killed holder, and the lock taken since by one that has not written its own.
+        return f"an unrecorded holder (the last record, of {_who(record)}, is of a process that has ended)"
+    return _who(record)
+
+
+def _holder_record(site: Site) -> dict[str, Any]:
+    from prefect.context import FlowRunContext
+
+    # From the run context, never from the API: it answers while the server is down.
+    run = FlowRunContext.get()
+    return {
+        "site": site.name,
+        "flow": run.flow.name if run and run.flow else None,
+        "run_id": str(run.flow_run.id) if run and run.flow_run else None,
+        "run_name": run.flow_run.name if run and run.flow_run else None,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _open_lock(site: Site) -> int:
+    folder = lock_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if folder.stat().st_mode & 0o777 != 0o700:
+        folder.chmod(0o700)
+    fd = os.open(lock_file(site), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    if os.fstat(fd).st_mode & 0o777 != 0o600:
+        os.fchmod(fd, 0o600)
+    return fd
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _wait_for(fd: int, site: Site, limit: float) -> None:
+    if _try_lock(fd):
         return
-    others = [p for p in _contenders(site).glob("*.pid") if p != me]
-    if any(pid_alive(int(p.stem.split("-")[0])) for p in others):
+    log = task_logger()
+    start = time.monotonic()
+    next_report = start
+    while True:
+        waited = time.monotonic() - start
+        if waited >= limit:
+            raise SiteBusy(
+                f"site {site.name}: the lifecycle lock is held by {describe_holder(site)}; waited {waited:.0f} s"
+            )
+        if time.monotonic() >= next_report:
+            log.info(
+                "site %s is busy: its lifecycle lock is held by %s; waited %.0f of %.0f s",
+                site.name, describe_holder(site), waited, limit,
+            )
+            next_report += REPORT_SECONDS
+        time.sleep(min(POLL_SECONDS, limit - waited))
+        if _try_lock(fd):
+            log.info("site %s: took its lifecycle lock after waiting %.0f s", site.name, time.monotonic() - start)
+            return
+
+
+def _mirror(site: Site, *, held: bool) -> None:
+    """Show the lock in the Prefect UI: the site's limit has one active slot while it is held.
+
+    Any failure is a warning: the file lock decides, the mirror only shows it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    if not PREFECT_API_URL.value():
         return
-    task_logger().warning(
-        "the lifecycle lock of site %s is held by no live process (a killed run); reclaiming it", site.name
-    )
-    client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
-    for stale in others:
-        stale.unlink(missing_ok=True)
+    name = limit_name(site)
+    try:
+        # Its own client (not the run's, which retries a lost server for about a minute).
+        with (
+            temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 1}),
+            get_client(httpx_settings={"timeout": MIRROR_TIMEOUT_SECONDS}, sync_client=True) as client,
+        ):
+            if held:
+                client.upsert_global_concurrency_limit_by_name(name, 1)
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=int(held)))
+    except ObjectNotFound:
+        return  # releasing a limit someone deleted: nothing to show
+    except Exception as exc:  # noqa: BLE001 - the UI's mirror must never end the flow
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        task_logger().warning(
+            "site %s: the Prefect UI may not show its lifecycle lock as %s%s (concurrency limit %s: %s); "
+            "the lock itself holds",
+            site.name, "taken" if held else "free", "" if held else " until the next flow on the site", name, reason,
+        )
 
 
 @contextmanager
-def site_guard(site: Site) -> Iterator[None]:
+def site_guard(site: Site, *, wait_seconds: float | None = None) -> Iterator[None]:
+    """Hold the site's lifecycle lock for the block; re-entrant within one run.
+
+    Waits up to ``wait_seconds`` (default: :func:`wait_limit`) for another holder,
+    then raises :class:`SiteBusy` naming it."""
     name = limit_name(site)
     if name in _held.get():
         yield
         return
-    folder = _contenders(site)
-    folder.mkdir(parents=True, exist_ok=True)
-    # One file per contender (pid, then thread), so threads of one process count too.
-    me = folder / f"{os.getpid()}-{threading.get_ident()}.pid"
-    me.write_text(socket.gethostname())
-    stack = ExitStack()
+    limit = wait_limit() if wait_seconds is None else wait_seconds
+    log = task_logger()
+    fd = _open_lock(site)
     try:
-        with get_client(sync_client=True) as client:
-            client.upsert_global_concurrency_limit_by_name(name, 1)
-            waiting = False
-            while True:
-                _reclaim_if_abandoned(client, name, site, me)
-                try:
-                    stack.enter_context(
-                        concurrency(name, occupy=1, strict=True, timeout_seconds=POLL_SECONDS, lease_duration=LEASE_SECONDS)
-                    )
-                    break
-                except TimeoutError:
-                    if not waiting:
-                        task_logger().info("site %s is busy with another lifecycle flow; waiting", site.name)
-                        waiting = True
-        task_logger().info("took the lifecycle lock of site %s", site.name)
-        with stack:
+        _wait_for(fd, site, limit)
+        try:
+            left = read_holder(site)
+            if left is not None:
+                log.warning(
+                    "site %s: the last lifecycle flow on it, %s, ended without releasing its lock (killed?); "
+                    "its work may be half done",
+                    site.name, _who(left),
+                )
+            write_json(holder_file(site), _holder_record(site), mode=0o600)
+            log.info("took the lifecycle lock of site %s", site.name)
+            _mirror(site, held=True)
             token = _held.set(_held.get() | {name})
             try:
                 yield
             finally:
                 _held.reset(token)
-                task_logger().info("releasing the lifecycle lock of site %s", site.name)
+                log.info("releasing the lifecycle lock of site %s", site.name)
+                _mirror(site, held=False)
+        finally:
+            holder_file(site).unlink(missing_ok=True)
     finally:
-        me.unlink(missing_ok=True)
+        os.close(fd)  # releases the flock
