@@ -163,6 +163,7 @@ def olab_data_teardown(site) -> tuple[float, float, str]:
     and ``verify_user_data``, with the tasks' plain functions.
     """
     from core.restore_points import restore_point_id
+    from core.sealing import ensure_site_key
     from core.state import load_state
     from tasks.backup import verify_restore_point, write_restore_point
     from tasks.host import user_homes
@@ -170,27 +171,30 @@ def olab_data_teardown(site) -> tuple[float, float, str]:
     users = user_homes(site)
     point_id = restore_point_id(datetime.now(UTC), secrets.token_hex(3))
     point = site.paths.backups / point_id
+    key, _ = ensure_site_key(site)  # as LocalPlatform.check_backup_room, before the timing
 
     def write():
         state = load_state(site)
         # The image the hub last ran; else the last one built (as LocalPlatform.save_user_data).
         image = state.hub.image if state.hub else state.image
         config_hash = state.hub.config_hash if state.hub else None
-        return write_restore_point.fn(site.name, site.paths.runtime, point, users, image, config_hash)
+        return write_restore_point.fn(key, site.paths.runtime, point, users, image, config_hash)
 
     settle()
     t_write, manifest = timed(write)
-    t_verify, _ = timed(lambda: verify_restore_point.fn(point, manifest))
+    t_verify, _ = timed(lambda: verify_restore_point.fn(point, manifest, key))
     return t_write, t_verify, point_id
 
 
 def olab_data_restore(site, point_id: str, trash_as: Path) -> float:
     """unpack_and_verify into the site's staging folder, which then goes to the trash."""
+    from core.sealing import site_key
     from tasks.backup import unpack_and_verify
     from tasks.host import staging_dir
 
+    key = site_key(site)
     settle()
-    seconds, users = timed(lambda: unpack_and_verify.fn(site.paths.backups / point_id, staging_dir(site)))
+    seconds, users = timed(lambda: unpack_and_verify.fn(site.paths.backups / point_id, staging_dir(site), key))
     assert all(u.verified for u in users)
     os.replace(staging_dir(site), trash_as)
     return seconds

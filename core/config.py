@@ -73,7 +73,10 @@ class HubSettings(_Section):
     hub_api_port: Port = 8081
     proxy_api_port: Port = 8001
     admins: list[Username] = Field(default_factory=lambda: ["admin"], min_length=1)
-    authenticator: Literal["shared-password", "lti"] = "shared-password"
+    # native: students sign up and an admin approves each (the local target); lti: logins from
+    # the course platform (LTI 1.3, the gke target); shared-password: one person, a demo.
+    # None: the target's own (native on local, shared-password on gke, as before).
+    authenticator: Literal["native", "shared-password", "lti"] | None = None
     default_url: str = "/lab"
     start_timeout_seconds: Annotated[int, Field(ge=5, le=3600, strict=True)] = 120
     # Per user server. The local target enforces them on containers (OCI images);
@@ -403,6 +406,15 @@ class SiteConfig(_Section):
     def _target_sections(self) -> SiteConfig:
         if self.target is Target.gke and self.gke is None:
             raise ValueError("target gke needs a gke section")
+        runnable = AUTHENTICATORS[self.target]
+        if self.hub.authenticator is None:
+            object.__setattr__(self.hub, "authenticator", runnable[0])
+        elif self.hub.authenticator not in runnable:
+            raise ValueError(
+                f"hub.authenticator {self.hub.authenticator}: the {self.target.value} target runs {' or '.join(runnable)}"
+                + (" (LTI 1.3 logins need the hub on an HTTPS address the course platform reaches: the gke target)"
+                   if self.hub.authenticator == "lti" else "")
+            )
         if self.target is Target.local:
             try:
                 loopback = ipaddress.ip_address(self.hub.host).is_loopback
@@ -411,6 +423,13 @@ class SiteConfig(_Section):
             if not loopback:
                 raise ValueError(f"hub.host {self.hub.host!r}: the local hub listens on loopback only")
         return self
+
+
+# What each target can run, its default first.
+AUTHENTICATORS = {
+    Target.local: ("native", "shared-password"),
+    Target.gke: ("shared-password", "lti"),
+}
 
 
 def olab_home() -> Path:

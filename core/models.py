@@ -130,7 +130,7 @@ class HubSpec(_Result):
     (local: the JupyterHub config; gke: Zero-to-JupyterHub values)."""
 
     image: ImageRef
-    authenticator: Literal["shared-password", "lti"]
+    authenticator: Literal["native", "shared-password", "lti"]
     admins: list[str]
     default_url: str
     start_timeout_seconds: int

@@ -49,6 +49,13 @@ class Platform(Protocol):
         """Where the site's images go and how to log in there; with prepare, the registry
         is made ready to take a push (a local one started)."""
 
+    def image_pushed(self, repository: str, digest: str) -> None:
+        """Remember that olab pushed ``digest`` to ``repository`` (where the target keeps such a record)."""
+
+    def image_known(self, repository: str, digest: str) -> bool:
+        """Whether ``digest`` in ``repository`` may be reused as olab's own build: a registry
+        that others on the machine could write to must hold only what olab pushed there."""
+
     # The hub.
     def plan_hub(self, spec: HubSpec) -> HubPlan:
         """What applying ``spec`` would do: start, restart, or leave the hub unchanged."""

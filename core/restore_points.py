@@ -3,10 +3,12 @@
 A restore point is a folder under the site's backup location:
 
     rp-20261129T190000Z-1a2b3c/
-        users/<name>.tar      one archive per user home
-        hub.tar               the hub database, the secret store, the site state
+        users/<name>.tar      one archive per user home (plain tar)
+        hub.tar.enc           the hub database, the secret store, the site state:
+                              tar, encrypted with AES-256-GCM (core.sealing)
         manifest.json         every file: path, type, size, mode, mtime, owner, sha256;
-                              each archive's own digest
+                              each archive's own SHA-256
+        manifest.mac          HMAC-SHA256 of manifest.json by the site's restore key
         COMPLETE              written last, after the archives were verified
 
 Only a folder with COMPLETE is ever chosen; pure functions here decide which.
@@ -18,14 +20,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
-# 2: archives digested with XXH3-128 ("archive_hash": "xxh3_128:<hex>") and mtimes kept
-#    to the nanosecond ("mtime_ns"). Schema 1 points ("archive_sha256") still restore.
-SCHEMA_VERSION = 2
+# 3: sealed (manifest.mac), the hub state encrypted (hub.tar.enc), archives digested with
+#    SHA-256, modes without setuid/setgid/sticky bits. Points of schema 1 and 2 (no seal) are
+#    refused: nothing tells them from forged ones.
+SCHEMA_VERSION = 3
 COMPLETE = "COMPLETE"
 MANIFEST = "manifest.json"
+SEAL = "manifest.mac"
 HUB_ARCHIVE = "hub"
+HUB_ARCHIVE_FILE = "hub.tar.enc"
 # What of a local runtime is the hub's state (kept in hub.tar): everything else is rebuilt by deploy.
 HUB_PATHS = ["hub/jupyterhub.sqlite", "secrets", "state.json"]
 
@@ -53,7 +58,8 @@ class ArchiveEntry(BaseModel):
     name: str
     archive: str
     files: list[FileEntry]
-    archive_hash: str  # "algorithm:hex" over every byte of the archive
+    archive_hash: str  # "algorithm:hex" over every byte of the archive file
+    encryption: str | None = None  # the cipher of an encrypted archive (core.sealing.CIPHER_SCHEME)
 
     @field_validator("name", "archive")
     @classmethod
@@ -62,14 +68,6 @@ class ArchiveEntry(BaseModel):
         if not value or "/" in value or "\0" in value or value in (".", ".."):
             raise ValueError(f"{value!r} is not a single file name")
         return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _schema_1(cls, data):
-        if isinstance(data, dict) and "archive_sha256" in data and "archive_hash" not in data:
-            data = {**data, "archive_hash": f"sha256:{data['archive_sha256']}"}
-            del data["archive_sha256"]
-        return data
 
     @property
     def bytes(self) -> int:

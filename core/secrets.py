@@ -59,6 +59,20 @@ class SecretStore:
         register_secrets(fresh.values())
         return fresh
 
+    def extra(self, key: str, make) -> str:
+        """The store's value for ``key``, made by ``make()`` and kept (0600) the first time:
+        a credential of olab's own beside the hub's, such as the Prefect server's."""
+        secrets = self.load_or_create()
+        found = (secrets.__pydantic_extra__ or {}).get(key)
+        if found:
+            return found.get_secret_value() if isinstance(found, SecretStr) else str(found)
+        value = make()
+        plain = json.loads(self.path.read_text())
+        plain[key] = value
+        atomic_write(self.path, json.dumps(plain, indent=2), mode=0o600)
+        register_secrets([value])
+        return value
+
     def load(self) -> HubSecrets:
         mode = stat.S_IMODE(self.path.stat().st_mode)
         if mode & 0o077:

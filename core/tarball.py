@@ -6,13 +6,18 @@ this module adds over ``tarfile`` is speed and checking, in one pass each way:
 
 - writing reads every file straight into a 1 MiB output block, takes its
   SHA-256 from that block and writes the block out whole; the archive's own
-  XXH3-128 digest is taken from the same blocks. Hashing and file I/O run
-  without the GIL, so archives written on several threads use every core.
+  SHA-256 is taken from the same blocks as they go to disk. Hashing and file
+  I/O run without the GIL, so archives written on several threads use every core.
 - reading parses the stream in the same big blocks, digests it again, and
   hands each member's data over as memoryviews of the block.
 - unpacking only ever creates new entries inside an empty folder: no absolute
-  or ``..`` paths, nothing written through a symlink, no hard links or devices,
-  and every file's SHA-256 taken from the bytes written.
+  or ``..`` paths, nothing written through a symlink, no hard links or devices.
+- setuid, setgid and sticky bits (0o7000) are neither archived (headers and
+  members record the mode without them) nor restored (cleared on unpacking,
+  whatever an archive says).
+- a ``BlockCipher`` (``core.sealing.StreamCipher``) may seal every 1 MiB block
+  on its way to disk and open it on the way back: the archive is then no
+  longer plain tar, and its digest is over the sealed bytes.
 
 Nothing here knows about sites or manifests; ``tasks/backup.py`` does.
 """
@@ -28,13 +33,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-
-import xxhash
+from typing import Protocol
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # GNU tar pads archives to whole records; so do we
 CHUNK = 1 << 20  # a multiple of RECORD's 512-byte blocks
-ARCHIVE_HASH = "xxh3_128"
+# A cryptographic digest: the manifest that names it is authenticated, so it must bind every byte.
+ARCHIVE_HASH = "sha256"
+# The mode bits kept: never setuid, setgid or sticky (0o7000), which a restore must not bring back.
+MODE_BITS = 0o777
 _ZEROS = bytes(RECORD)
 _FILE, _DIR, _SYMLINK = b"0", b"5", b"2"
 _KIND = {_FILE: "file", b"\0": "file", _DIR: "dir", _SYMLINK: "symlink"}
@@ -62,11 +69,28 @@ class Member:
     target: str | None = None
 
 
+class BlockCipher(Protocol):
+    """Seals an archive's blocks on the way to disk and opens them on the way back.
+
+    Block i (every one CHUNK bytes of tar, the last one shorter, possibly empty)
+    is sealed with its index and whether it is the last; open raises ValueError
+    for a block it did not seal so."""
+
+    overhead: int  # bytes a sealed block adds
+    header_size: int
+
+    def header(self, block_size: int) -> bytes: ...
+
+    def start(self, header: bytes, block_size: int) -> None: ...
+
+    def seal(self, index: int, block: memoryview, final: bool) -> bytes: ...
+
+    def open(self, index: int, block: bytes, final: bool) -> bytes: ...
+
+
 def new_digest(algorithm: str):
     """A digest object for a manifest's "algorithm:hex" archive hash."""
-    if algorithm == "xxh3_128":
-        return xxhash.xxh3_128()
-    if algorithm == "sha256":  # restore points written before olab 0.2
+    if algorithm == "sha256":
         return hashlib.sha256()
     raise ArchiveError(f"unknown archive hash {algorithm!r}")
 
@@ -139,22 +163,36 @@ def _pax_int(pax: dict[str, bytes], key: str, default: int) -> int:
 
 
 class _Sink:
-    """An archive being written: a 1 MiB block, filled in place, digested and written whole."""
+    """An archive being written: a 1 MiB block, filled in place, (sealed,) digested and written whole."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, cipher: BlockCipher | None = None):
         self.fd = fd
         self.buf = bytearray(CHUNK)
         self.view = memoryview(self.buf)
         self.used = 0
-        self.digest = xxhash.xxh3_128()
-        self.written = 0
+        self.digest = new_digest(ARCHIVE_HASH)
+        self.written = 0  # bytes of tar, for the padding to whole records
+        self.cipher = cipher
+        self.blocks = 0
+        if cipher is not None:
+            self._out(cipher.header(CHUNK))
 
-    def flush(self) -> None:
-        data = self.view[: self.used]
+    def _out(self, data) -> None:
         self.digest.update(data)
         done = 0
-        while done < self.used:
+        while done < len(data):
             done += os.write(self.fd, data[done:])
+
+    def flush(self, final: bool = False) -> None:
+        """Write the block out: full ones as they fill, the last (shorter, maybe empty) with final."""
+        data = self.view[: self.used]
+        if self.cipher is not None:
+            # A reader knows the last block by its being short: every full one is flushed as it fills.
+            assert not final or self.used < CHUNK
+            self._out(self.cipher.seal(self.blocks, data, final))
+            self.blocks += 1
+        elif self.used:
+            self._out(data)
         self.written += self.used
         self.used = 0
 
@@ -189,22 +227,64 @@ class _Sink:
 
 
 class _Source:
-    """An archive being read in 1 MiB blocks, digested as it goes."""
+    """An archive being read in 1 MiB blocks, digested (and opened) as it goes."""
 
-    def __init__(self, fd: int, digest):
+    def __init__(self, fd: int, digest, cipher: BlockCipher | None = None):
         self.fd = fd
         self.buf = bytearray(CHUNK)
         self.view = memoryview(self.buf)
         self.start = self.end = 0
         self.digest = digest
-        self.offset = 0  # of the next unread byte, for messages
+        self.offset = 0  # of the next unread byte of tar, for messages
+        self.cipher = cipher
+        self.blocks = 0
+        self.ended = False  # the sealed last block was read
+        if cipher is not None:
+            header = self._read_raw(cipher.header_size)
+            try:
+                cipher.start(header, CHUNK)
+            except ValueError as exc:
+                raise ArchiveError(str(exc)) from None
+
+    def _read_raw(self, n: int) -> bytes:
+        parts = []
+        while n:
+            part = os.read(self.fd, n)
+            if not part:
+                break
+            parts.append(part)
+            n -= len(part)
+        data = b"".join(parts)
+        self.digest.update(data)
+        return data
 
     def _fill(self) -> bool:
+        if self.cipher is not None:
+            return self._fill_sealed()
         got = os.readv(self.fd, [self.view])
         if got:
             self.digest.update(self.view[:got])
         self.start, self.end = 0, got
         return got > 0
+
+    def _fill_sealed(self) -> bool:
+        if self.ended:
+            self.start = self.end = 0
+            return False
+        full = CHUNK + self.cipher.overhead
+        sealed = self._read_raw(full)
+        if len(sealed) < self.cipher.overhead:
+            raise ArchiveError(f"the archive ends early: its last sealed block (after block {self.blocks}) is missing")
+        # Only the last block is shorter than a full one (the writer flushes every full block at once).
+        self.ended = len(sealed) < full
+        try:
+            plain = self.cipher.open(self.blocks, sealed, self.ended)
+        except ValueError as exc:
+            raise ArchiveError(str(exc)) from None
+        self.blocks += 1
+        self.view[: len(plain)] = plain
+        self.start, self.end = 0, len(plain)
+        return len(plain) > 0
 
     def take(self, n: int) -> Iterator[memoryview]:
         """The next n bytes, as views into the block (valid until the next call)."""
@@ -356,21 +436,24 @@ def _libc(name: str, *argtypes):
 _START_WRITEBACK = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
-def write(root: Path, archive: Path, include: list[str] | None = None) -> tuple[list[Member], str]:
-    """Archive root (or the listed paths below it) into archive, private (0600).
+def write(root: Path, archive: Path, include: list[str] | None = None,
+          cipher: BlockCipher | None = None) -> tuple[list[Member], str]:
+    """Archive root (or the listed paths below it) into archive, private (0600),
+    every block sealed by cipher when one is given.
 
-    Returns the members (every regular file with its SHA-256) and the archive's
-    "xxh3_128:<hex>" digest. The archive's writeback to disk is
-    started, not waited for: call ``durable`` before relying on it.
+    Returns the members (every regular file with its SHA-256; modes without
+    setuid, setgid and sticky bits) and the "sha256:<hex>" digest of the file
+    as written. The archive's writeback to disk is started, not waited for:
+    call ``durable`` before relying on it.
     Sockets, fifos and devices are skipped: they are not a student's work.
     """
     found: list[Member] = []
     fd = os.open(archive, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_CLOEXEC, 0o600)
     try:
-        sink = _Sink(fd)
+        sink = _Sink(fd, cipher)
         for rel, st, dir_fd, name in _walk(root, include):
             mode = st.st_mode
-            member = Member(path=rel, type="dir", mode=stat.S_IMODE(mode), mtime_ns=st.st_mtime_ns,
+            member = Member(path=rel, type="dir", mode=stat.S_IMODE(mode) & MODE_BITS, mtime_ns=st.st_mtime_ns,
                             uid=st.st_uid, gid=st.st_gid)
             if stat.S_ISDIR(mode):
                 sink.put(header(member))
@@ -388,7 +471,7 @@ def write(root: Path, archive: Path, include: list[str] | None = None) -> tuple[
             found.append(member)
         sink.put(_ZEROS[: 2 * BLOCK])
         sink.put(_ZEROS[: -(sink.written + sink.used) % RECORD])
-        sink.flush()
+        sink.flush(final=True)
         if _START_WRITEBACK is not None:
             _START_WRITEBACK(fd, 0, 0, 2)  # SYNC_FILE_RANGE_WRITE
     finally:
@@ -407,7 +490,7 @@ def _archive_file(sink: _Sink, dir_fd: int, name: str, member: Member) -> None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ArchiveError(f"{member.path}: changed while being archived")
-        member.mode, member.uid, member.gid = stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+        member.mode, member.uid, member.gid = stat.S_IMODE(st.st_mode) & MODE_BITS, st.st_uid, st.st_gid
         member.size, member.mtime_ns = st.st_size, st.st_mtime_ns
         sha = hashlib.sha256()
         sink.put(header(member))
@@ -450,13 +533,15 @@ def sync_filesystem(path: Path) -> None:
 # ---------------------------------------------------------------- reading
 
 
-def scan(archive: Path, algorithm: str, *, hash_files: bool = False) -> tuple[list[Member], str]:
-    """Read an archive through: its members (with each file's SHA-256 when
-    hash_files) and its "algorithm:hex" digest over every byte."""
+def scan(archive: Path, algorithm: str, *, hash_files: bool = False,
+         cipher: BlockCipher | None = None) -> tuple[list[Member], str]:
+    """Read an archive through (opening every block with cipher, when given): its
+    members (with each file's SHA-256 when hash_files) and its "algorithm:hex"
+    digest over every byte of the file."""
     found: list[Member] = []
     fd = os.open(archive, os.O_RDONLY | _O_CLOEXEC)
     try:
-        source = _Source(fd, new_digest(algorithm))
+        source = _Source(fd, new_digest(algorithm), cipher)
         for member, size in members(source):
             if hash_files and member.type == "file":
                 sha = hashlib.sha256()
@@ -472,21 +557,24 @@ def scan(archive: Path, algorithm: str, *, hash_files: bool = False) -> tuple[li
     return found, f"{algorithm}:{source.digest.hexdigest()}"
 
 
-def unpack(archive: Path, dest: Path, algorithm: str, expect) -> tuple[list[Member], str]:
-    """Unpack archive into the folder dest, creating new entries only.
+def unpack(archive: Path, dest: Path, algorithm: str, expect, *, hash_files: bool = False,
+           cipher: BlockCipher | None = None) -> tuple[list[Member], str]:
+    """Unpack archive (opening every block with cipher, when given) into the
+    folder dest, creating new entries only.
 
     ``expect(member)`` is called with each member's header before anything of
     it is written; it may raise to refuse the member, or correct its metadata
     (the manifest keeps mtimes to the nanosecond). Returns the members
-    unpacked, each file's SHA-256 taken from the bytes written, and the
-    archive's digest. Modes, times and (as root) owners are set as given.
+    unpacked (with hash_files, each file's SHA-256 taken from the bytes
+    written) and the archive's digest. Times and (as root) owners are set as
+    given, modes without setuid, setgid and sticky bits.
     """
     found: list[Member] = []
     links: set[str] = set()
     dirs: list[Member] = []
     fd = os.open(archive, os.O_RDONLY | _O_CLOEXEC)
     try:
-        source = _Source(fd, new_digest(algorithm))
+        source = _Source(fd, new_digest(algorithm), cipher)
         for member, size in members(source):
             _contain(member.path, links)
             expect(member)
@@ -508,7 +596,7 @@ def unpack(archive: Path, dest: Path, algorithm: str, expect) -> tuple[list[Memb
                     os.lchown(path, member.uid, member.gid)
                 os.utime(path, ns=(member.mtime_ns, member.mtime_ns), follow_symlinks=False)
             else:
-                member.sha256 = _unpack_file(source, path, member, size)
+                member.sha256 = _unpack_file(source, path, member, size, hash_files)
                 source.skip(-size % BLOCK)
             found.append(member)
     finally:
@@ -517,7 +605,7 @@ def unpack(archive: Path, dest: Path, algorithm: str, expect) -> tuple[list[Memb
         path = dest / member.path if member.path != "." else dest
         if _AS_ROOT:
             os.chown(path, member.uid, member.gid)
-        os.chmod(path, member.mode)
+        os.chmod(path, member.mode & MODE_BITS)
         os.utime(path, ns=(member.mtime_ns, member.mtime_ns))
     return found, f"{algorithm}:{source.digest.hexdigest()}"
 
@@ -537,19 +625,20 @@ def _parents(dest: Path, name: str) -> None:
         (dest / parent).mkdir(parents=True, mode=0o700, exist_ok=True)
 
 
-def _unpack_file(source: _Source, path: Path, member: Member, size: int) -> str:
-    sha = hashlib.sha256()
+def _unpack_file(source: _Source, path: Path, member: Member, size: int, hash_files: bool) -> str | None:
+    sha = hashlib.sha256() if hash_files else None
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
     try:
         for view in source.take(size):
-            sha.update(view)
+            if sha is not None:
+                sha.update(view)
             done = 0
             while done < len(view):
                 done += os.write(out, view[done:])
         if _AS_ROOT:
             os.fchown(out, member.uid, member.gid)
-        os.fchmod(out, member.mode)
+        os.fchmod(out, member.mode & MODE_BITS)  # after fchown, which may keep setuid as root
         os.utime(out, ns=(member.mtime_ns, member.mtime_ns))
     finally:
         os.close(out)
-    return sha.hexdigest()
+    return sha.hexdigest() if sha is not None else None

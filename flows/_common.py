@@ -7,6 +7,7 @@ from prefect.logging import get_run_logger
 
 from core.config import Site, load_site
 from core.models import FlowPlan, HealthReport, PlannedStep
+from core.planning import Refused
 from core.platform import Platform, TargetNotReady
 from targets import platform_for
 
@@ -14,6 +15,12 @@ from targets import platform_for
 def open_site(ref: str, flow: str) -> tuple[Site, Platform]:
     """The validated site and the platform of its target, which refuses in one line a
     flow it cannot run yet."""
+    from prefect.runtime import deployment
+
+    if deployment.id and ("/" in ref or ref.endswith((".yaml", ".yml")) or ref.startswith(".")):
+        # A deployment can be run by anyone who reaches the Prefect API: it takes the name of
+        # a site in the project's sites/, never a file someone else wrote.
+        raise Refused(f"a deployed flow takes a site name from the project's sites/, not a path: {ref!r}")
     site = load_site(ref)
     platform = platform_for(site)
     if reason := platform.not_ready(flow):

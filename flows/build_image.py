@@ -90,7 +90,7 @@ def _plan_oci(site: Site, platform: Platform, builder: str) -> ImagePlan:
     registry = _registry(access)
     target = f"{registry.repository(settings.name)}:{tag or '<new content tag>'}"
     existing = registry.manifest_digest(settings.name, tag) if tag and registry.answers() else None
-    if existing:
+    if existing and platform.image_known(registry.repository(settings.name), existing):
         image = _image(site, builder, access, tag, existing)
         return ImagePlan(image, [PlannedStep(verb="reuse", subject=image.pinned, detail=f"{access.address} already has it")])
     if not registry.answers():
@@ -119,11 +119,17 @@ def _build_oci(site: Site, platform: Platform, builder: str) -> BuildResult:
     access = platform.image_registry()
     registry = _registry(access)
     engine, base, tag, _ = _oci_inputs(site, builder, access, dry_run=False)
+    repository = registry.repository(settings.name)
     existing = registry.manifest_digest(settings.name, tag)
-    if existing:
+    if existing and not platform.image_known(repository, existing):
+        # Never reused: built again and pushed over it, so what is pinned is olab's own build.
+        logger.warning("registry %s has %s:%s at %s, which olab did not push there: building it again instead of using it",
+                       access.address, settings.name, tag, existing)
+    elif existing:
         logger.info("registry %s already has %s:%s; nothing to build", access.address, settings.name, tag)
         return BuildResult(image=_image(site, builder, access, tag, existing), built=False, seconds=0.0)
-    digest, seconds = build_and_push(engine, site.image_context, registry.repository(settings.name), tag, base, access.login)
+    digest, seconds = build_and_push(engine, site.image_context, repository, tag, base, access.login)
+    platform.image_pushed(repository, digest)
     return BuildResult(image=_image(site, builder, access, tag, digest), built=True, seconds=seconds)
 
 

@@ -206,8 +206,16 @@ def cmd_credentials(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     secrets = SecretStore(site.paths.secrets).load()
     print(f"hub:      {site.hub_url}")
-    print(f"admins:   {', '.join(site.config.hub.admins)}  password: {secrets.admin_password.get_secret_value()}")
-    print(f"students: any other name               password: {secrets.user_password.get_secret_value()}")
+    if site.config.hub.authenticator == "shared-password":
+        print(f"admin:    {site.config.hub.admins[0]}  password: {secrets.admin_password.get_secret_value()}")
+        print("students: none (shared-password is the single-user demo mode; use hub.authenticator native for a class)")
+    else:
+        print(f"admins:   {', '.join(site.config.hub.admins)}  password: {secrets.admin_password.get_secret_value()}")
+        print(f"students: sign up at {site.hub_url}/hub/signup; an admin approves each name at {site.hub_url}/hub/authorize")
+    from olab.serve import PREFECT_AUTH_KEY
+
+    if auth := (secrets.__pydantic_extra__ or {}).get(PREFECT_AUTH_KEY):
+        print(f"Prefect UI (olab serve): {auth.get_secret_value() if hasattr(auth, 'get_secret_value') else auth}")
     return EXIT_OK
 
 
@@ -303,12 +311,13 @@ def _serve_server(command: str):
     if command != "serve" and not os.environ.get("PREFECT_API_URL"):
         from olab.serve import running_server
 
-        url = running_server()
-        if url:
-            from prefect.settings import PREFECT_API_URL, temporary_settings
+        found = running_server()
+        if found:
+            from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+            url, auth = found
             _err(f"using the Prefect server of olab serve: {url.removesuffix('/api')}")
-            return temporary_settings({PREFECT_API_URL: url})
+            return temporary_settings({PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: auth})
     return contextlib.nullcontext()
 
 

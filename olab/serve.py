@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,30 @@ def server_file() -> Path:
     return olab_home() / "prefect-server.json"
 
 
-def running_server() -> str | None:
-    """The API URL of the Prefect server a live `olab serve` started, if it answers."""
+PREFECT_AUTH_KEY = "prefect_api_auth"
+
+
+def prefect_auth(site: Site) -> str:
+    """The credential the Prefect server `olab serve` starts requires (HTTP basic,
+    ``olab:<random>``), kept in the site's 0600 secret store: nothing on this machine's
+    loopback (a student's process included) can run or read flows without it."""
+    from core.secrets import SecretStore
+
+    return SecretStore(site.paths.secrets).extra(PREFECT_AUTH_KEY, lambda: "olab:" + secrets.token_urlsafe(24))
+
+
+def running_server() -> tuple[str, str] | None:
+    """(API URL, credential) of the Prefect server a live `olab serve` started, if it answers."""
+    from core.secrets import SecretStore
+
     try:
         info = json.loads(server_file().read_text())
-        url, pid = info["url"], int(info["pid"])
+        url, pid, store = info["url"], int(info["pid"]), Path(info["secrets"])
+        auth = (SecretStore(store).load().__pydantic_extra__ or {})[PREFECT_AUTH_KEY]
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    return url if pid_alive(pid) and http_answers(f"{url}/health") else None
+    auth = auth.get_secret_value() if hasattr(auth, "get_secret_value") else str(auth)
+    return (url, auth) if pid_alive(pid) and http_answers(f"{url}/health") else None
 
 
 # The slug that marks a prefect.yaml schedule as the site's own (schedules.<which> of the
@@ -113,9 +130,11 @@ def to_runner_deployments(site: Site, specs: list[DeploymentSpec]) -> list:
     return deployments
 
 
-def start_prefect_server(site: Site, port: int) -> tuple[int, str]:
+def start_prefect_server(site: Site, port: int, auth: str) -> tuple[int, str]:
     url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": url}
+    # The credential reaches the server through its environment, never argv.
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": url,
+           "PREFECT_SERVER_API_AUTH_STRING": auth}
     env.pop("PREFECT_API_URL", None)
     log = site.paths.logs / "prefect-server.log"
     try:
@@ -131,22 +150,27 @@ def start_prefect_server(site: Site, port: int) -> tuple[int, str]:
 
 def serve_site(site: Site, port: int = 4200) -> int:
     from prefect import serve
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     specs = read_deployments(find_project())
     site.paths.logs.mkdir(parents=True, exist_ok=True)
     deployments = to_runner_deployments(site, specs)
     external = os.environ.get("PREFECT_API_URL")
     pid = None
+    settings = {}
     if external:
         url = external
     else:
-        pid, url = start_prefect_server(site, port)
-        print(f"Prefect UI: {url.removesuffix('/api')}  (server pid {pid}, log {site.paths.logs / 'prefect-server.log'})")
-        # Other olab commands on this machine run their flows on this server (and show in its UI).
-        write_json(server_file(), {"url": url, "pid": pid, "site": site.name})
+        auth = prefect_auth(site)
+        pid, url = start_prefect_server(site, port, auth)
+        print(f"Prefect UI: {url.removesuffix('/api')}  (server pid {pid}, log {site.paths.logs / 'prefect-server.log'}); "
+              "it asks for the credential `olab credentials` shows")
+        # Other olab commands on this machine run their flows on this server (and show in its
+        # UI): they read its credential from the site's secret store this names.
+        write_json(server_file(), {"url": url, "pid": pid, "site": site.name, "secrets": str(site.paths.secrets)})
+        settings = {PREFECT_API_AUTH_STRING: auth}
     try:
-        with temporary_settings({PREFECT_API_URL: url}):
+        with temporary_settings({PREFECT_API_URL: url, **settings}):
             serve(*deployments)
     except KeyboardInterrupt:
         pass

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 
+from core import sealing
 from core.config import Site
 from core.files import content_hash
+from core.logs import task_logger
 from core.models import (
     DataFacts,
     HubAccess,
@@ -35,7 +37,7 @@ from tasks import backup, host, local_hub
 from tasks.hub_api import hub_version
 from tasks.notebooks import stage_lab
 from tasks.oci import Engine, engine_for, insecure_registries
-from tasks.local_registry import ensure_local_registry
+from tasks.local_registry import ensure_local_registry, pushed_by_olab, record_pushed, registry_login
 
 
 class LocalPlatform:
@@ -59,11 +61,28 @@ class LocalPlatform:
 
     def image_registry(self, *, prepare: bool = True) -> RegistryAccess:
         image = self.site.config.image
-        if prepare and image.local_registry:
+        if not image.local_registry:
+            return RegistryAccess(address=image.registry, insecure=False)
+        if prepare:
             ensure_local_registry(self.site.paths.containers, image.registry)
-        return RegistryAccess(address=image.registry, insecure=image.local_registry)
+        # olab's own registry requires olab's credential (tasks/local_registry.py).
+        return RegistryAccess(address=image.registry, insecure=True, login=registry_login(self.site.paths.containers))
+
+    def image_pushed(self, repository: str, digest: str) -> None:
+        if self.site.config.image.local_registry:
+            record_pushed(self.site.paths.containers, repository, digest)
+
+    def image_known(self, repository: str, digest: str) -> bool:
+        """On olab's own registry, only what olab pushed (a registry someone else started on
+        that port could answer a content tag with any digest)."""
+        if not self.site.config.image.local_registry:
+            return True
+        return pushed_by_olab(self.site.paths.containers, repository, digest)
 
     # The hub.
+    def _engine(self, image) -> Engine:
+        return engine_for(image.builder, self.site.paths.containers, insecure_registries(self.site))
+
     def _render(self, spec: HubSpec) -> tuple[dict, str, str]:
         image = spec.image
         settings = local_hub.render_settings(
@@ -72,6 +91,7 @@ class LocalPlatform:
             proxy_command=local_hub.proxy_command(),
             run_as_root=os.geteuid() == 0,
             docker_socket=Engine(builder=image.builder, store=self.site.paths.containers).socket if image.is_oci else None,
+            gateway=self._engine(image).bridge_gateway(local_hub.BRIDGE_NETWORK) if image.is_oci else None,
         )
         template = local_hub.hub_template()
         labs_hash = content_hash((lab.name, lab.content_hash.encode()) for lab in spec.labs)
@@ -85,13 +105,17 @@ class LocalPlatform:
 
     def apply_hub(self, spec: HubSpec, plan: HubPlan) -> HubDeployment:
         paths = self.site.paths
+        # The runtime is made (or taken, when all in it is olab's) and marked before anything goes in.
+        host.claim_runtime(self.site)
         SecretStore(paths.secrets).load_or_create()
         for lab in spec.labs:
             stage_lab(lab, paths.labs)
         if spec.image.is_oci:
             engine = engine_for(spec.image.builder, paths.containers, insecure_registries(self.site))
-            engine.ensure_local(spec.image.pinned)
+            engine.ensure_local(spec.image.pinned, self.image_registry(prepare=False).login)
             engine.ensure_api_socket()
+            # The bridge's interface must exist before the hub binds its gateway address.
+            engine.ensure_bridge(local_hub.BRIDGE_NETWORK, spec.image.pinned)
         settings, template, config_hash = self._render(spec)
         if config_hash != plan.config_hash:
             raise RuntimeError("the hub's configuration changed between its plan and its apply; run deploy again")
@@ -129,14 +153,31 @@ class LocalPlatform:
         return host.runtime_facts(self.site)
 
     def check_backup_room(self, needed_bytes: int) -> None:
+        # Before anything is stopped: backups apart from the runtime, the runtime olab's own,
+        # the key to seal with at hand, room for the point.
+        host.check_backup_location(self.site)
+        host.check_runtime_mark(self.site, self.site.paths.runtime)
+        key, created = sealing.ensure_site_key(self.site)
+        if created:
+            task_logger().warning(
+                "created this site's restore key at %s (key id %s): copy it off this machine now (cat it into the "
+                "course's password manager); without it no restore point of %s can be restored",
+                key.path, key.key_id, self.site.name,
+            )
         backup.check_writable(self.site.paths.backups, needed_bytes)
+
+    def _key(self, point_id: str) -> sealing.RestoreKey:
+        try:
+            return sealing.site_key(self.site)
+        except sealing.KeyMissing as exc:
+            raise sealing.KeyMissing(f"restore point {point_id} cannot be checked: {exc}") from None
 
     def save_user_data(self, point_id: str, users: list[str]) -> RestorePointSummary:
         state = load_state(self.site)
         # The image the hub last ran; else the last one built.
         image = state.hub.image if state.hub else state.image
         manifest = backup.write_restore_point(
-            self.site.name, self.site.paths.runtime, self.site.paths.backups / point_id, users,
+            self._key(point_id), self.site.paths.runtime, self.site.paths.backups / point_id, users,
             image, state.hub.config_hash if state.hub else None,
         )
         self._manifests[point_id] = manifest
@@ -146,10 +187,10 @@ class LocalPlatform:
         )
 
     def _manifest(self, point_id: str) -> Manifest:
-        return self._manifests.get(point_id) or backup.read_manifest(self.site.paths.backups / point_id)
+        return self._manifests.get(point_id) or backup.read_manifest(self.site.paths.backups / point_id, self._key(point_id))
 
     def verify_user_data(self, point_id: str) -> None:
-        backup.verify_restore_point(self.site.paths.backups / point_id, self._manifest(point_id))
+        backup.verify_restore_point(self.site.paths.backups / point_id, self._manifest(point_id), self._key(point_id))
 
     def plan_release(self, point_id: str) -> InfraPlan | None:
         """None: the runtime folder is deleted only after its restore point is verified."""
@@ -165,7 +206,7 @@ class LocalPlatform:
         return backup.prune(self.site.paths.backups, self.site.config.backups.keep, protect)
 
     def bring_back_user_data(self, point_id: str) -> list[UserRestore]:
-        return backup.unpack_and_verify(self.site.paths.backups / point_id, host.staging_dir(self.site))
+        return backup.unpack_and_verify(self.site.paths.backups / point_id, host.staging_dir(self.site), self._key(point_id))
 
     def swap_in_restored(self) -> None:
         host.swap_in(self.site)

@@ -59,6 +59,10 @@ def hub_log(site: Site) -> Path:
     return site.paths.logs / "hub.log"
 
 
+# podman's default bridge (10.88.0.0/16; its gateway is the host's address on it).
+BRIDGE_NETWORK = "podman"
+
+
 def hub_template() -> str:
     return resources.files("tasks").joinpath("templates/jupyterhub_config.py").read_text()
 
@@ -70,6 +74,7 @@ def render_settings(
     proxy_command: list[str],
     run_as_root: bool,
     docker_socket: Path | None = None,
+    gateway: str | None = None,
 ) -> dict:
     """The local hub's settings document (no secrets: only the store's path).
 
@@ -79,17 +84,21 @@ def render_settings(
     paths = site.paths
     hub = site.config.hub
     image = spec.image
-    if spec.authenticator != "shared-password":
+    if spec.authenticator not in ("native", "shared-password"):
         raise HubError(
-            f"{site.source}: hub.authenticator: {spec.authenticator} is not available on the local target yet; "
-            "use shared-password"
+            f"{site.source}: hub.authenticator: {spec.authenticator} is not available on the local target; "
+            "use native (students sign up, an admin approves them) or shared-password (one person, a demo)"
         )
     spawner: dict = {"spawner": "process"}
     if image.is_oci:
-        if docker_socket is None:
-            raise ValueError("an OCI image needs a container API socket to spawn users")
+        if docker_socket is None or gateway is None:
+            raise ValueError("an OCI image needs a container API socket and a bridge network to spawn users")
         spawner = {
             "spawner": "docker",
+            # Each user's container on this bridge, in its own network namespace; the hub's
+            # API listens on the bridge's gateway, the only host address the containers reach.
+            "network": BRIDGE_NETWORK,
+            "gateway": gateway,
             "docker_url": f"unix://{docker_socket}",
             "container_prefix": f"olab-{site.name}",
             "container_uid": 1000,
@@ -101,8 +110,11 @@ def render_settings(
             f"{site.source}: hub.memory_limit/cpu_limit: a venv image runs user servers as plain processes, "
             "which the local target cannot limit; build an OCI image (./setup.sh as root) or remove the limits"
         )
+    single = spec.admins[0] if spec.authenticator == "shared-password" or spawner["spawner"] == "process" else None
     return {
         **spawner,
+        "single_user": single,
+        "authenticator": spec.authenticator,
         "site": site.name,
         "host": hub.host,
         "port": hub.port,
@@ -196,6 +208,11 @@ def apply_hub(site: Site, spec: HubSpec, plan: HubPlan, settings: dict, template
         if port_in_use(hub.host, port):
             raise HubError(f"port {port} on {hub.host} is already in use; stop what holds it or pick other ports in {site.source}")
     config = write_hub_files(site, settings, template)
+    if settings.get("single_user"):
+        why = ("hub.authenticator shared-password is the single-user demo mode" if spec.authenticator == "shared-password"
+               else "a venv image runs every server as the hub's own account, so students would share files and secrets")
+        logger.warning("this hub lets one person log in, %s: %s (for a class: an OCI image and hub.authenticator native or lti)",
+                       settings["single_user"], why)
     site.paths.homes.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "PREFECT_"))}
     logger.info("hub starting, log: %s", hub_log(site))

@@ -231,6 +231,36 @@ class Engine:
         return self.socket
 
 
+    def bridge_gateway(self, network: str = "podman") -> str:
+        """The host's address on ``network`` (a bridge: each container in its own network
+        namespace, none on the host's loopback), where a service on the host is reachable
+        from the containers and from nowhere else."""
+        if self.runtime == "docker":
+            found = json.loads(self.run([self.runtime, "network", "inspect", network]))
+            return found[0]["IPAM"]["Config"][0]["Gateway"]
+        found = json.loads(self.run([self.runtime, "network", "inspect", network]))
+        gateways = [s.get("gateway") for s in found[0].get("subnets", []) if s.get("gateway")]
+        if not gateways:
+            raise RuntimeError(f"network {network} has no gateway address (is it a bridge?)")
+        return gateways[0]
+
+    def ensure_bridge(self, network: str, image: str) -> str:
+        """The bridge's gateway, with its interface up on the host: the bridge is made when
+        a first container joins it, and a hub must bind the gateway address before any
+        student's container starts; a throwaway container of ``image`` makes it."""
+        import socket
+
+        gateway = self.bridge_gateway(network)
+        with socket.socket() as probe:
+            try:
+                probe.bind((gateway, 0))
+                return gateway
+            except OSError:
+                pass
+        self.run([self.runtime, "run", "--rm", "--network", network, "--entrypoint", "true", image], timeout=120)
+        return gateway
+
+
 def insecure_registries(site) -> list[str]:
     """The site's registry, when it is on loopback (olab's own, or a test's): plain HTTP."""
     address = site.config.gke.registry if site.config.gke is not None else site.config.image.registry

@@ -28,11 +28,48 @@ c.ConfigurableHTTPProxy.auth_token = secrets["proxy_auth_token"]
 c.ConfigurableHTTPProxy.command = settings["proxy_command"] + ["--timeout", "300000", "--proxy-timeout", "300000"]
 c.ConfigurableHTTPProxy.pid_file = settings["proxy_pid_file"]
 
-c.JupyterHub.authenticator_class = "shared-password"
-c.SharedPasswordAuthenticator.admin_password = secrets["admin_password"]
-c.SharedPasswordAuthenticator.user_password = secrets["user_password"]
 c.Authenticator.admin_users = set(settings["admins"])
 c.Authenticator.allow_all = True
+if settings["authenticator"] == "native":
+    # Per-student logins: a student signs up with a password of their own, and an admin
+    # approves the name (/hub/authorize) before it can log in; admins log in with the site's
+    # admin password (`olab credentials`), and no signup can claim an admin's name.
+    import hmac
+
+    import nativeauthenticator
+    from nativeauthenticator import NativeAuthenticator
+
+    class OlabNativeAuthenticator(NativeAuthenticator):
+        def create_user(self, username, password, **kwargs):
+            if self.normalize_username(username) in self.admin_users:
+                return None
+            return super().create_user(username, password, **kwargs)
+
+        def get_handlers(self, app):
+            # NativeAuthenticator 1.3's own login page uses what JupyterHub 6 took away
+            # (handler.statsd): JupyterHub's login page is used, its signup, approval and
+            # password pages are kept.
+            return [(path, handler) for path, handler in super().get_handlers(app) if path != r"/login"]
+
+        async def authenticate(self, handler, data):
+            name = self.normalize_username(data.get("username", ""))
+            if name in self.admin_users:
+                given = data.get("password", "").encode()
+                return name if hmac.compare_digest(given, secrets["admin_password"].encode()) else None
+            return await super().authenticate(handler, data)
+
+    c.JupyterHub.authenticator_class = OlabNativeAuthenticator
+    c.JupyterHub.template_paths = [os.path.join(os.path.dirname(nativeauthenticator.__file__), "templates")]
+    c.NativeAuthenticator.open_signup = False
+    c.NativeAuthenticator.minimum_password_length = 10
+    c.NativeAuthenticator.check_common_password = True
+    c.NativeAuthenticator.allowed_failed_logins = 5
+    c.NativeAuthenticator.seconds_before_next_try = 60
+else:
+    # The single-user demo mode (see single_user below).
+    c.JupyterHub.authenticator_class = "shared-password"
+    c.SharedPasswordAuthenticator.admin_password = secrets["admin_password"]
+    c.SharedPasswordAuthenticator.user_password = secrets["user_password"]
 
 # Every user's server runs as this account from the built environment, with
 # its own home under the site's data folder (what backups cover).
@@ -73,31 +110,25 @@ if settings["cull"]:
 
 
 if settings["spawner"] == "docker":
-    from dockerspawner import DockerSpawner
-    from jupyterhub.utils import random_port
-
-    class HostNetworkSpawner(DockerSpawner):
-        """Each user's container on the host network, on its own loopback port."""
-
-        async def start(self):
-            self.port = random_port()
-            return await super().start()
-
-        async def get_ip_and_port(self):
-            return "127.0.0.1", self.port
-
-    c.JupyterHub.spawner_class = HostNetworkSpawner
+    # Each user's container in its own network namespace on a bridge: from inside it, this
+    # machine's loopback (the Prefect API, the registry, the hub's own port, anything else
+    # bound to 127.0.0.1) is out of reach. The hub's API listens on the bridge's gateway,
+    # the one host address the containers reach, and answers nothing without a token; the
+    # proxy (on this machine) reaches each server at its container's address.
+    c.JupyterHub.spawner_class = "docker"
+    c.JupyterHub.hub_ip = settings["gateway"]
     c.DockerSpawner.client_kwargs = {"base_url": settings["docker_url"]}
     c.DockerSpawner.image = settings["image"]
     # deploy-hub pulls the pinned digest first; a spawn never reaches a registry.
     c.DockerSpawner.pull_policy = "never"
-    c.DockerSpawner.network_name = "host"
+    c.DockerSpawner.network_name = settings["network"]
     c.DockerSpawner.use_internal_ip = True
     c.DockerSpawner.remove = True
     c.DockerSpawner.prefix = settings["container_prefix"]
     c.DockerSpawner.volumes = {settings["homes"] + "/{raw_username}": "/home/jovyan"}
-    c.DockerSpawner.hub_connect_url = "http://127.0.0.1:%d" % settings["hub_api_port"]
-    c.Spawner.ip = "127.0.0.1"
+    c.DockerSpawner.hub_connect_url = "http://%s:%d" % (settings["gateway"], settings["hub_api_port"])
+    c.Spawner.ip = "0.0.0.0"
+    c.Spawner.port = 8888
     c.Spawner.cmd = ["jupyterhub-singleuser"]
     c.Spawner.args = []
     c.Spawner.environment = {"OLAB_SITE": settings["site"]}
@@ -107,27 +138,57 @@ if settings["spawner"] == "docker":
         c.DockerSpawner.cpu_limit = settings["cpu_limit"]
 
 
-def _home(spawner):
-    if settings["spawner"] == "docker":
-        return Path(settings["homes"]) / spawner.user.name
-    return Path(spawner.home_dir)
+def _dir_at(parent_fd, name, uid=None):
+    """The folder ``name`` in ``parent_fd`` (made if missing), opened without following a
+    symlink: a student who turns ``labs`` (or their home) into a link to /etc gets an error,
+    not root writing there."""
+    try:
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+        made = True
+    except FileExistsError:
+        made = False
+    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
+    if made and uid is not None:
+        os.fchown(fd, uid, uid)
+    return fd
 
 
 def _give_labs(spawner):
-    """Copy the site's labs into a new home; never overwrite a student's copy."""
-    home = _home(spawner)
-    target = home / "labs"
-    target.mkdir(parents=True, exist_ok=True)
-    for lab in sorted(Path(settings["labs"]).glob("*.ipynb")):
-        if not (target / lab.name).exists():
-            shutil.copy2(lab, target / lab.name)
-    if settings["spawner"] == "docker":
-        # The container's user owns its home, as it would its volume.
-        uid = settings["container_uid"]
-        for folder, dirs, files in os.walk(home):
-            os.chown(folder, uid, uid)
-            for name in dirs + files:
-                os.lchown(os.path.join(folder, name), uid, uid)
+    """Copy the site's labs into a new home; never overwrite a student's copy, never follow
+    a link the student made (the hub runs as root here), and give only what it made to the
+    container's user, as it would own its volume."""
+    uid = settings["container_uid"] if settings["spawner"] == "docker" else None
+    if "/" in spawner.user.name or spawner.user.name in (".", ".."):
+        raise ValueError(f"user name {spawner.user.name!r} cannot name a home folder")
+    homes = os.open(settings["homes"], os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        home = _dir_at(homes, spawner.user.name, uid)
+        try:
+            labs = _dir_at(home, "labs", uid)
+            try:
+                for lab in sorted(Path(settings["labs"]).glob("*.ipynb")):
+                    try:
+                        fd = os.open(lab.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=labs)
+                    except FileExistsError:
+                        continue  # the student's own copy (or a link they made): left as it is
+                    with os.fdopen(fd, "wb") as out:
+                        out.write(lab.read_bytes())
+                        if uid is not None:
+                            os.fchown(out.fileno(), uid, uid)
+            finally:
+                os.close(labs)
+        finally:
+            os.close(home)
+    finally:
+        os.close(homes)
 
 
 c.Spawner.pre_spawn_hook = _give_labs
+
+if settings["single_user"]:
+    # One account only (the shared-password demo mode, and the venv fallback, whose servers
+    # would all run as the hub's own account: every student could read the others' files
+    # and the hub's secrets). Said at every start, in the hub's log.
+    c.Authenticator.allow_all = False
+    c.Authenticator.allowed_users = {settings["single_user"]}
+    c.Authenticator.admin_users = {settings["single_user"]}

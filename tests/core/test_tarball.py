@@ -3,6 +3,7 @@ names of every shape, exact metadata, and the checks it makes on the way."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -150,13 +151,17 @@ def test_a_manifest_with_a_non_utf8_name_reads_back(tmp_path):
     from datetime import UTC, datetime
 
     from core.restore_points import Manifest
+    from core.sealing import load_or_create_key
     from tasks.backup import read_manifest, write_manifest
 
     archive, entry = archived(tmp_path)
     hub = write_archive(tmp_path / "home", tmp_path / "hub.tar", "hub", include=["empty"])
-    write_manifest(tmp_path, Manifest(id="rp-1", site="s", created=datetime.now(UTC), image=None,
-                                      hub_config_hash=None, users=[entry], hub=hub))
-    again = read_manifest(tmp_path).users[0]
+    key, _ = load_or_create_key("s", tmp_path / "keys" / "s.restore-key")
+    point = tmp_path / "rp-1"
+    point.mkdir()
+    write_manifest(point, Manifest(id="rp-1", site="s", created=datetime.now(UTC), image=None,
+                                   hub_config_hash=None, users=[entry], hub=hub), key)
+    again = read_manifest(point, key).users[0]
     assert BAD_UTF8 in {f.path for f in again.files}
     extract_and_verify(archive, again, tmp_path / "out", "user u")
     assert (tmp_path / "out" / BAD_UTF8).read_bytes() == b"latin-1\n"
@@ -169,7 +174,7 @@ def test_manifest_names_are_single_file_names():
 
     for bad in ("../../x", "a/b", "..", ""):
         with pytest.raises(ValidationError, match="not a single file name"):
-            ArchiveEntry(name=bad, archive="u.tar", files=[], archive_hash="xxh3_128:00")
+            ArchiveEntry(name=bad, archive="u.tar", files=[], archive_hash="sha256:00")
 
 
 def _raw_archive(path: Path, *blocks: bytes) -> Path:
@@ -183,18 +188,18 @@ def test_crafted_headers_are_refused_not_misread(tmp_path):
     # A link with data: tar readers disagree on whether to skip it, so olab refuses it.
     link = tarball._ustar(b"link", b"2", 0o777, 0, 0, 1024, 0, b"target")
     with pytest.raises(tarball.ArchiveError, match="link: a damaged header"):
-        tarball.scan(_raw_archive(tmp_path / "a.tar", link, bytes(1024)), "xxh3_128")
+        tarball.scan(_raw_archive(tmp_path / "a.tar", link, bytes(1024)), "sha256")
     # A negative PAX size would move the reader backwards, forever.
     record = b"14 size=-1536\n"
     pax = tarball._ustar(b"././@PaxHeader", b"x", 0o644, 0, 0, len(record), 0, b"")
     file = tarball._ustar(b"f", b"0", 0o644, 0, 0, 0, 0, b"")
     with pytest.raises(tarball.ArchiveError, match="f: a damaged header"):
-        tarball.scan(_raw_archive(tmp_path / "b.tar", pax, record, file), "xxh3_128")
+        tarball.scan(_raw_archive(tmp_path / "b.tar", pax, record, file), "sha256")
     # A PAX record that does not parse.
     record = b"zz size=1\n"
     pax = tarball._ustar(b"././@PaxHeader", b"x", 0o644, 0, 0, len(record), 0, b"")
     with pytest.raises(tarball.ArchiveError, match="a damaged PAX header"):
-        tarball.scan(_raw_archive(tmp_path / "c.tar", pax, record, file), "xxh3_128")
+        tarball.scan(_raw_archive(tmp_path / "c.tar", pax, record, file), "sha256")
 
 
 @pytest.mark.timeout(30)
@@ -238,3 +243,109 @@ def test_a_time_before_1970_is_kept_for_other_tar_readers_too(tmp_path):
     write_archive(home, tmp_path / "home.tar", "u")
     with tarfile.open(tmp_path / "home.tar") as tar:
         assert tar.getmember("old").mtime == -86400 * 365
+
+
+def modes(root: Path) -> dict[str, int]:
+    return {rel: st.st_mode & 0o7777 for rel, st in tarball.walk(root) if not os.path.islink(root / rel)}
+
+
+def test_setuid_setgid_and_sticky_bits_are_neither_archived_nor_restored(tmp_path):
+    home = tmp_path / "home"
+    (home / "shared").mkdir(parents=True)
+    os.chmod(home / "shared", 0o1777)
+    (home / "tool").write_bytes(b"#!/bin/sh\n")
+    os.chmod(home / "tool", 0o4755)
+    (home / "group-tool").write_bytes(b"#!/bin/sh\n")
+    os.chmod(home / "group-tool", 0o2750)
+    assert modes(home)["tool"] == 0o4755 and modes(home)["shared"] == 0o1777
+    entry = write_archive(home, tmp_path / "home.tar", "u")
+    recorded = {f.path: f.mode for f in entry.files}
+    assert (recorded["tool"], recorded["group-tool"], recorded["shared"]) == (0o755, 0o750, 0o777)
+    with tarfile.open(tmp_path / "home.tar") as tar:  # the headers too, for anyone running tar -xpf
+        assert {m.name: m.mode for m in tar}["tool"] == 0o755
+    out = tmp_path / "out"
+    extract_and_verify(tmp_path / "home.tar", entry, out, "user u")
+    assert (modes(out)["tool"], modes(out)["group-tool"], modes(out)["shared"]) == (0o755, 0o750, 0o777)
+
+
+def test_unpacking_clears_setuid_whatever_the_archive_says(tmp_path):
+    """An archive olab did not write (or that says so) still brings no setuid file back."""
+    data = b"#!/bin/sh\n"
+    tool = tarball._ustar(b"tool", b"0", 0o4755, 0, 0, len(data), 0, b"")
+    shared = tarball._ustar(b"shared/", b"5", 0o3777, 0, 0, 0, 0, b"")
+    archive = _raw_archive(tmp_path / "a.tar", tool, data, shared)
+    out = tmp_path / "out"
+    out.mkdir()
+    found, _ = tarball.unpack(archive, out, "sha256", lambda member: None)
+    assert {m.path: m.mode for m in found} == {"tool": 0o4755, "shared": 0o3777}, "the headers did ask for them"
+    assert modes(out)["tool"] == 0o755 and modes(out)["shared"] == 0o777
+
+
+def sealed(tmp_path: Path, context: str = "rp-1/hub.tar.enc"):
+    from core.sealing import load_or_create_key
+
+    key, _ = load_or_create_key("s", tmp_path / "keys" / "s.restore-key")
+    return key, key.stream(context)
+
+
+def test_an_encrypted_archive_reads_back_and_holds_nothing_in_clear(tmp_path):
+    home = odd_home(tmp_path / "home")
+    (home / "secret.json").write_text('{"token": "PLAINLY-SECRET-VALUE"}\n')
+    key, cipher = sealed(tmp_path)
+    members, digest = tarball.write(home, tmp_path / "hub.tar.enc", cipher=cipher)
+    raw = (tmp_path / "hub.tar.enc").read_bytes()
+    assert b"PLAINLY-SECRET-VALUE" not in raw and b"secret.json" not in raw and b"ustar" not in raw
+    assert digest == "sha256:" + hashlib.sha256(raw).hexdigest(), "the digest is of the file as stored"
+    found, again = tarball.scan(tmp_path / "hub.tar.enc", "sha256", hash_files=True, cipher=key.stream("rp-1/hub.tar.enc"))
+    assert again == digest
+    assert [(m.path, m.sha256) for m in found] == [(m.path, m.sha256) for m in members]
+    out = tmp_path / "out"
+    out.mkdir()
+    tarball.unpack(tmp_path / "hub.tar.enc", out, "sha256", lambda m: None, cipher=key.stream("rp-1/hub.tar.enc"))
+    assert tree(out) == tree(home)
+
+
+def test_an_encrypted_archive_altered_cut_or_moved_is_refused(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "db").write_bytes(os.urandom(2 * tarball.CHUNK + 5000))
+    key, cipher = sealed(tmp_path)
+    tarball.write(home, tmp_path / "a.enc", cipher=cipher)
+    good = (tmp_path / "a.enc").read_bytes()
+    full = tarball.CHUNK + cipher.overhead
+    header = cipher.header_size
+
+    def read(data: bytes, context: str = "rp-1/hub.tar.enc") -> None:
+        (tmp_path / "b.enc").write_bytes(data)
+        tarball.scan(tmp_path / "b.enc", "sha256", cipher=key.stream(context))
+
+    read(good)
+    flipped = bytearray(good)
+    flipped[header + full + 100] ^= 1
+    with pytest.raises(tarball.ArchiveError, match="encrypted block 1 is not authentic"):
+        read(bytes(flipped))
+    with pytest.raises(tarball.ArchiveError, match="last sealed block .* is missing"):
+        read(good[: header + 2 * full])  # cut after a whole block: the final one is gone
+    with pytest.raises(tarball.ArchiveError, match="not authentic"):
+        read(good[: header + full] + good[header + 2 * full:])  # a block dropped
+    with pytest.raises(tarball.ArchiveError, match="not authentic"):
+        read(good, context="rp-2/hub.tar.enc")  # another restore point's archive
+    with pytest.raises(tarball.ArchiveError, match="not an archive olab encrypted"):
+        read(b"x" * len(good))
+
+
+def test_an_encrypted_archive_ending_on_a_block_boundary_has_an_empty_last_block(tmp_path):
+    # ".", the file's header, its data and the end blocks make exactly 5 MiB (a multiple of
+    # both the 1 MiB block and the 10 KiB record): the last sealed block holds no tar at all.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "f").write_bytes(os.urandom(5 * tarball.CHUNK - 4 * tarball.BLOCK))
+    key, cipher = sealed(tmp_path)
+    tarball.write(home, tmp_path / "a.enc", cipher=cipher)
+    size = (tmp_path / "a.enc").stat().st_size
+    assert size == cipher.header_size + 5 * (tarball.CHUNK + cipher.overhead) + cipher.overhead
+    found, _ = tarball.scan(tmp_path / "a.enc", "sha256", hash_files=True, cipher=key.stream("rp-1/hub.tar.enc"))
+    assert [m.path for m in found] == [".", "f"]
+    (tmp_path / "b.enc").write_bytes((tmp_path / "a.enc").read_bytes()[: size - cipher.overhead])
+    with pytest.raises(tarball.ArchiveError, match="last sealed block"):
+        tarball.scan(tmp_path / "b.enc", "sha256", cipher=key.stream("rp-1/hub.tar.enc"))

@@ -73,6 +73,13 @@ class RecordingPlatform:
         self._call("image_registry")
         return RegistryAccess(address="127.0.0.1:1/recorded", insecure=True)
 
+    def image_pushed(self, repository: str, digest: str) -> None:
+        self._call("image_pushed")
+
+    def image_known(self, repository: str, digest: str) -> bool:
+        self._call("image_known")
+        return True
+
     def plan_hub(self, spec: HubSpec) -> HubPlan:
         self._call("plan_hub")
         config_hash = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()

@@ -4,7 +4,9 @@ step, a corrupted archive, an unusable backup location, and no interleaving."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import secrets
 import stat
 import subprocess
 import sys
@@ -22,11 +24,13 @@ from flows.restore import restore
 from flows.teardown import teardown
 from core.config import load_site
 from core.runner import pid_alive
+from core.sealing import KeyMissing, key_path
 from core.secrets import SecretStore
 from core.state import read_mark
 from olab.status import site_status
 from tests.conftest import hub_pid
-from tasks.backup import BackupError, VerificationFailed, list_restore_points
+from tasks.backup import BackupError, NotAuthentic, VerificationFailed, list_restore_points
+from tasks.host import RUNTIME_MARK, NotOurs, read_runtime_mark, staging_dir
 
 from tests.conftest import REPO  # noqa: E402
 
@@ -105,10 +109,18 @@ def test_round_trip_keeps_every_file_the_database_and_the_secrets(live_site, cap
     before = snapshot(site.paths.homes)
     assert len(before) > 20 * 10
     secrets_before = site.paths.secrets.read_bytes()
+    secret_values = SecretStore(site.paths.secrets).load().values()
+    note = f"olab-note-{secrets.token_hex(8)}"  # kept in clear in the hub's database only
     with api_for(site) as api:
         api.post("/hub/api/users/student01/server").raise_for_status()  # a running server to stop
         # A token lives only in the hub's database: it works after restore only if the database came back.
-        student_token = api.post("/hub/api/users/student02/tokens", json={"note": "olab test"}).json()["token"]
+        student_token = api.post("/hub/api/users/student02/tokens", json={"note": note}).json()["token"]
+    # Bits a restore must not bring back (outside work/, which snapshot compares).
+    tools = site.paths.homes / "student05" / "tools"
+    (tools / "drop").mkdir(parents=True)
+    os.chmod(tools / "drop", 0o1777)
+    (tools / "suid").write_text("#!/bin/sh\nid\n")
+    os.chmod(tools / "suid", 0o4755)
     pid = hub_pid(site)
 
     report = teardown(site=str(path))
@@ -118,9 +130,16 @@ def test_round_trip_keeps_every_file_the_database_and_the_secrets(live_site, cap
     assert not site.paths.runtime.exists()
     assert report.restore_point and len(report.users) == len(USERS)
     point = site.paths.backups / report.restore_point
-    assert (point / "COMPLETE").is_file()
-    for archive in [point / "hub.tar", *(point / "users").iterdir()]:
+    assert (point / "COMPLETE").is_file() and (point / "manifest.mac").is_file()
+    for archive in [point / "hub.tar.enc", *(point / "users").iterdir()]:
         assert stat.S_IMODE(archive.stat().st_mode) == 0o600
+    assert key_path(site.name).is_file() and not key_path(site.name).is_relative_to(site.paths.backups)
+    # Nothing of the secret store or the database is in clear anywhere in the backups.
+    assert len(secret_values) >= 5
+    for file in (p for p in site.paths.backups.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        for value in [*secret_values, note, "SQLite format 3"]:
+            assert value.encode() not in data, f"{file.relative_to(site.paths.backups)} holds {value[:8]}... in clear"
     assert read_mark(site).phase == "torn-down"
     status = "\n".join(site_status(site, runs=False))
     assert f"(kept in restore point {report.restore_point})" in status and "hub      torn down" in status
@@ -136,6 +155,8 @@ def test_round_trip_keeps_every_file_the_database_and_the_secrets(live_site, cap
     assert snapshot(site.paths.homes) == before
     assert site.paths.secrets.read_bytes() == secrets_before
     assert stat.S_IMODE(site.paths.secrets.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tools / "suid").stat().st_mode) == 0o755 and stat.S_IMODE((tools / "drop").stat().st_mode) == 0o777
+    assert read_runtime_mark(site.paths.runtime) == site.name, "a restored runtime is olab's to delete again"
     assert read_mark(site) is None
     with api_for(site) as api:
         users = {u["name"]: u for u in api.get("/hub/api/users").json()}
@@ -173,12 +194,53 @@ def test_corrupted_archive_fails_loudly_and_an_older_point_still_restores(live_s
 
     with pytest.raises(VerificationFailed) as info:
         restore(site=str(path))
+    assert f"restore point {newer}: users/student07.tar does not match its manifest" in str(info.value)
     assert "user student07" in str(info.value) and "work/marker.txt" in str(info.value)
     assert hashlib.sha256(archive.read_bytes()).hexdigest() == damaged, "restore must not touch the restore point"
     assert not site.paths.runtime.exists()
 
+    # The manifest made to match the damage: refused by its seal before anything is unpacked.
+    manifest = site.paths.backups / newer / "manifest.json"
+    forged = json.loads(manifest.read_text())
+    forged["users"] = [u for u in forged["users"] if u["name"] != "student07"]
+    manifest.write_text(json.dumps(forged, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(NotAuthentic, match=f"restore point {newer}: manifest.json is not authenticated by this site's key"):
+        restore(site=str(path))
+    assert not staging_dir(site).exists() and not site.paths.runtime.exists()
+
+    # Without the key nothing is restored, and restore says where the key was expected.
+    key = key_path(site.name)
+    os.replace(key, key.with_name("elsewhere"))
+    try:
+        with pytest.raises(KeyMissing, match=f"restore key is missing: expected at {key}"):
+            restore(site=str(path), restore_point=older)
+    finally:
+        os.replace(key.with_name("elsewhere"), key)
+
     restore(site=str(path), restore_point=older)
     assert snapshot(site.paths.homes) == before
+
+
+def test_teardown_deletes_only_a_runtime_olab_marked_and_keeps_backups_out_of_it(live_site):
+    path, site = live_site
+    pid = hub_pid(site)
+    before = snapshot(site.paths.homes)
+    assert read_runtime_mark(site.paths.runtime) == site.name, "deploy marked the runtime it made"
+    (site.paths.runtime / RUNTIME_MARK).unlink()  # as a runtime made before olab marked them
+    with pytest.raises(NotOurs, match=f"runtime folder {site.paths.runtime} has no olab mark"):
+        teardown(site=str(path))
+    assert pid_alive(pid), "refused before anything was stopped"
+    assert snapshot(site.paths.homes) == before and site.paths.secrets.is_file()
+    assert list_restore_points(site.paths.backups) == [] and read_mark(site) is None
+
+    deploy_hub(site=str(path), check=False)  # the next deploy marks a runtime that holds only olab's
+    assert read_runtime_mark(site.paths.runtime) == site.name
+    inside = site.paths.runtime / "backups"
+    path.write_text(path.read_text().replace(str(site.paths.backups), str(inside)))
+    with pytest.raises(NotOurs, match=f"backups.path {inside} lies in the runtime folder"):
+        teardown(site=str(path))
+    assert pid_alive(pid) and snapshot(site.paths.homes) == before
+    assert not inside.exists()
 
 
 def test_unwritable_backup_location_stops_teardown_before_anything(live_site, tmp_path):

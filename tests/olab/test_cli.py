@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.config import load_site
+
 from olab.cli import main
 from core.runner import pid_alive, stop_process
 from tests.conftest import free_port
@@ -38,6 +40,7 @@ def test_provision_status_and_credentials(make_site, capsys):
     assert main(["credentials", "--site", path]) == 0
     out = capsys.readouterr().out
     assert re.search(r"admins:\s+admin\s+password: \S{32,}", out)
+    assert "sign up at http://127.0.0.1:" in out and "/hub/authorize" in out
 
 
 @pytest.mark.slow
@@ -78,10 +81,20 @@ def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
         api = f"http://127.0.0.1:{port}/api"
         _wait_for(f"{api}/health", proc)
         assert "<html" in _wait_for(f"http://127.0.0.1:{port}/", proc).text.lower()
+        # The server requires the credential kept in the site's secret store (not on argv).
+        from core.secrets import SecretStore
+
+        auth = SecretStore(load_site(path).paths.secrets).load().__pydantic_extra__["prefect_api_auth"]
+        auth = auth.get_secret_value() if hasattr(auth, "get_secret_value") else auth
+        assert httpx.post(f"{api}/deployments/filter", json={"limit": 1}, timeout=5).status_code == 401
+        assert httpx.post(f"{api}/flow_runs/filter", json={"limit": 1}, timeout=5,
+                          auth=("olab", "wrong")).status_code == 401
+        user, _, password = auth.partition(":")
+        client = httpx.Client(auth=(user, password), timeout=5)
         deadline = time.monotonic() + 120
         found = {}
         while time.monotonic() < deadline and {f"{name}" for name in FLOWS} - set(found):
-            response = httpx.post(f"{api}/deployments/filter", json={"limit": 50}, timeout=5)
+            response = client.post(f"{api}/deployments/filter", json={"limit": 50})
             found = {d["name"]: d for d in response.json()}
             time.sleep(1)
         assert FLOWS <= set(found), f"deployments served: {sorted(found)}"
@@ -105,12 +118,25 @@ def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
         assert other.returncode == 0, other.stderr
         assert f"using the Prefect server of olab serve: http://127.0.0.1:{port}" in other.stderr
         assert "temporary server" not in other.stderr + other.stdout
-        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 20}, timeout=5).json()
+        runs = client.post(f"{api}/flow_runs/filter", json={"limit": 20}).json()
         assert any(r["parameters"].get("site") == path for r in runs), "the provision run is not on serve's server"
+        # A deployed flow takes a site's name, never a path to a site file someone wrote.
+        started = client.post(f"{api}/deployments/{found['stop-hub']['id']}/create_flow_run",
+                              json={"parameters": {"site": str(tmp_path / "mine.yaml")}}).json()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            state = client.get(f"{api}/flow_runs/{started['id']}").json()["state"]
+            if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(1)
+        assert state["type"] == "FAILED" and "takes a site name" in state["message"], state
+
         log.seek(0)
         match = re.search(r"server pid (\d+)", log.read())
         assert match, "serve did not say which Prefect server it started"
         server_pid = int(match.group(1))
+        for pid in (proc.pid, server_pid):
+            assert password not in Path(f"/proc/{pid}/cmdline").read_text(), "the credential is on a command line"
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:

@@ -8,9 +8,12 @@ skipped with that reason.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import stat
 from pathlib import Path
+
+import uuid
 
 import httpx
 import pytest
@@ -25,7 +28,7 @@ from core.planning import lock_header
 from core.runner import ToolMissing, pid_alive, run
 from core.secrets import SecretStore
 from tasks.oci import engine_for, resolve_builder, stop_api_socket
-from tasks.local_registry import stop_local_registry
+from tasks.local_registry import registry_login, stop_local_registry
 from tasks.registry import Registry
 from tests.conftest import free_port, hub_pid
 
@@ -71,15 +74,26 @@ def test_small_image_builds_pushes_and_is_not_rebuilt(make_site, tmp_path, regis
     first = build_image(site=str(path))
     assert first.builder == "buildah"
     assert first.pinned.startswith(f"{registry_address}/olab-small@sha256:")
-    assert Registry(registry_address).manifest_digest("olab-small", first.tag) == first.digest
-
     site = load_site(str(path))
+    # olab's registry requires olab's credential: nobody else on this machine pushes or reads.
+    login = registry_login(site.paths.containers)
+    assert httpx.get(f"http://{registry_address}/v2/olab-small/tags/list", timeout=10).status_code == 401
+    assert Registry(registry_address, login=login).manifest_digest("olab-small", first.tag) == first.digest
+
     engine = engine_for("buildah", site.paths.containers, [registry_address])
     built_id = engine.image_id(first.location)
     tags = registry_tags(registry_address, "olab-small")
     plan = build_image(site=str(path), dry_run=True)
     assert [(s.verb, s.subject) for s in plan.steps] == [("reuse", first.pinned)]
     assert registry_tags(registry_address, "olab-small") == tags
+    # A digest olab did not push there (someone else's registry on the port, or a push by
+    # another hand) is never reused: built again instead.
+    pushed = site.paths.containers / "registry" / "pushed.json"
+    record = pushed.read_text()
+    pushed.write_text("{}")
+    plan = build_image(site=str(path), dry_run=True)
+    assert plan.steps[-1].verb == "build", plan.steps
+    pushed.write_text(record)
 
     lock = context / "requirements.lock"
     lock.write_text(lock.read_text() + "# planned\n")
@@ -95,12 +109,16 @@ def test_small_image_builds_pushes_and_is_not_rebuilt(make_site, tmp_path, regis
     lock.write_text(lock.read_text() + "# changed\n")
     changed = build_image(site=str(path))
     assert changed.tag != first.tag and changed.digest != first.digest
+    engine.ensure_local(changed.pinned, login)
     out = run(engine.run_prefix([]) + [changed.pinned, "cat", "/etc/olab-lock"], env=engine.env).output
     assert "# changed" in out
 
 
 def registry_tags(address: str, name: str) -> list[str]:
-    return sorted(httpx.get(f"http://{address}/v2/{name}/tags/list", timeout=10).json().get("tags") or [])
+    """The tags of olab's registry, read with olab's credential."""
+    login = registry_login(olab_home() / "containers")
+    auth = (login.username, login.password.get_secret_value())
+    return sorted(httpx.get(f"http://{address}/v2/{name}/tags/list", timeout=10, auth=auth).json().get("tags") or [])
 
 
 def test_missing_builder_says_what_to_install(monkeypatch, tmp_path):
@@ -169,10 +187,116 @@ def test_hub_spawns_a_container_of_the_digest(user_image, stop_hubs):
         assert "student1" not in containers, "the container is removed on stop"
         assert (home / "notes.txt").read_text() == "my data", "the home is kept"
         assert (home / "labs" / "lorenz.ipynb").is_file()
+        students_are_only_themselves(hub.url, site, api, engine)
     finally:
         api.close()
     assert stop_hub(site=str(path))
     assert not pid_alive(pid)
+
+
+@contextlib.contextmanager
+def _browser(url: str):
+    """A browser's session: its own cookies, the login page's _xsrf cookie first."""
+    with httpx.Client(base_url=url, follow_redirects=False, timeout=60) as client:
+        client.get("/hub/login")
+        yield client
+
+
+def _form(client: httpx.Client, path: str, **fields) -> httpx.Response:
+    return client.post(path, data={**fields, "_xsrf": client.cookies.get("_xsrf")})
+
+
+def _ready(api: httpx.Client, user: str) -> None:
+    import time
+
+    if api.get(f"/hub/api/users/{user}").status_code == 404:  # a signup is no JupyterHub user until its first login
+        api.post(f"/hub/api/users/{user}").raise_for_status()
+    api.post(f"/hub/api/users/{user}/server").raise_for_status()
+    for _ in range(240):
+        if api.get(f"/hub/api/users/{user}").json()["servers"].get("", {}).get("ready"):
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"{user}'s server did not start")
+
+
+PROBE = """
+import json, sys, urllib.request, urllib.error
+found = {}
+for name, url in json.loads(sys.argv[1]).items():
+    try:
+        found[name] = urllib.request.urlopen(url, timeout=5).status
+    except urllib.error.HTTPError as e:
+        found[name] = e.code
+    except Exception as e:
+        found[name] = type(e).__name__
+print(json.dumps(found))
+"""
+
+
+def a_students_server_reaches_nothing_of_the_host(site, engine, api: httpx.Client) -> None:
+    """From inside ann's container: this machine's loopback (the Prefect API, olab's registry,
+    the hub's port) is out of reach; the hub's API answers nothing without a token; bob's
+    server refuses ann; and ann's own server answers her through the hub's proxy."""
+    import json
+
+    from prefect.settings import PREFECT_API_URL
+
+    settings = json.loads((site.paths.hub / "olab-hub.json").read_text())
+    gateway, hub_port = settings["gateway"], settings["hub_api_port"]
+    prefect = PREFECT_API_URL.value().split("//", 1)[1].split("/", 1)[0]
+    bob = run(["podman", "inspect", f"{settings['container_prefix']}-bob", "--format", "{{.NetworkSettings.IPAddress}}"],
+              env=engine.env).output.strip()
+    targets = {
+        "prefect": f"http://{prefect}/api/health",
+        "registry": f"http://{site.config.image.registry}/v2/",
+        "hub on loopback": f"http://127.0.0.1:{hub_port}/hub/api/",
+        "hub api without a token": f"http://{gateway}:{hub_port}/hub/api/users",
+        "bob's server": f"http://{bob}:8888/user/bob/api/contents",
+    }
+    out = run(["podman", "exec", f"{settings['container_prefix']}-ann", "python3", "-c", PROBE, json.dumps(targets)],
+              env=engine.env).output
+    found = json.loads(out.strip().splitlines()[-1])
+    for name in ("prefect", "registry", "hub on loopback"):
+        assert isinstance(found[name], str), f"{name} answered {found[name]} from inside a student's container"
+    assert found["hub api without a token"] == 403, found
+    assert found["bob's server"] in (302, 401, 403), f"bob's server answered ann: {found}"
+    assert api.get("/user/ann/api/status").status_code == 200, "ann's own server answers through the proxy"
+
+
+def students_are_only_themselves(url: str, site, api: httpx.Client, engine) -> None:
+    """hub.authenticator native (the local default): students sign up, an admin approves each
+    name, and then each logs in as themself only, and cannot open another's server."""
+    passwords = {"ann": "ann-" + uuid.uuid4().hex, "bob": "bob-" + uuid.uuid4().hex}
+    for name, password in passwords.items():
+        with _browser(url) as signup:
+            _form(signup, "/hub/signup", username=name, signup_password=password, signup_password_confirmation=password)
+    admin_password = SecretStore(site.paths.secrets).load().admin_password.get_secret_value()
+    with _browser(url) as squatter:
+        _form(squatter, "/hub/signup", username="admin", signup_password="x" * 20, signup_password_confirmation="x" * 20)
+        assert _form(squatter, "/hub/login", username="admin", password="x" * 20).status_code != 302, "a signup took an admin's name"
+    with _browser(url) as early:
+        refused = _form(early, "/hub/login", username="ann", password=passwords["ann"])
+        assert refused.status_code == 403, "no login before an admin approves"
+    with _browser(url) as admin:
+        assert _form(admin, "/hub/login", username="admin", password=admin_password).status_code == 302
+        for name in passwords:
+            assert admin.get(f"/hub/authorize/{name}").status_code == 302
+    _ready(api, "bob")
+    _ready(api, "ann")
+    a_students_server_reaches_nothing_of_the_host(site, engine, api)
+    with _browser(url) as ann:
+        wrong = _form(ann, "/hub/login", username="bob", password=passwords["ann"])
+        assert wrong.status_code == 403, "ann logged in as bob"
+        assert _form(ann, "/hub/login", username="ann", password=passwords["ann"]).status_code == 302
+        assert ann.get("/hub/api/user").json()["name"] == "ann"
+        assert ann.get("/hub/api/users/bob").status_code in (403, 404), "ann reads bob's record"
+        ann.follow_redirects = True
+        other = ann.get("/user/bob/api/contents/")
+        assert other.status_code == 403 or "/hub/login" in str(other.url), f"ann opened bob's server: {other.status_code} {other.url}"
+        mine = ann.get("/hub/api/user")
+        assert mine.json()["name"] == "ann"
+    for name in ("ann", "bob"):
+        api.delete(f"/hub/api/users/{name}/server")
 
 
 def test_a_gke_site_pushes_to_its_artifact_registry_with_a_short_lived_google_token(make_site, tmp_path, monkeypatch):
