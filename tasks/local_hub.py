@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import sys
 from datetime import UTC, datetime
@@ -39,14 +38,14 @@ class LocalHubProcess(BaseModel):
 
 
 def proxy_command() -> list[str]:
-    beside_python = Path(sys.executable).parent / "configurable-http-proxy"
-    found = shutil.which("configurable-http-proxy") or (str(beside_python) if beside_python.exists() else None)
-    if not found:
-        raise ToolMissing(
-            "configurable-http-proxy is not installed: pip install configurable-http-proxy "
-            "(it comes with `pip install -e .`) or npm install -g configurable-http-proxy"
-        )
-    return [found]
+    """The Python configurable-http-proxy, with room for a class's requests (tasks/proxy.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("configurable_http_proxy") is None:
+        raise ToolMissing("configurable-http-proxy is not installed: pip install configurable-http-proxy (it comes with `pip install -e .`)")
+    from tasks import proxy
+
+    return proxy.command()
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -211,7 +210,7 @@ def apply_hub(site: Site, spec: HubSpec, plan: HubPlan, settings: dict, template
     if settings.get("single_user"):
         why = ("hub.authenticator shared-password is the single-user demo mode" if spec.authenticator == "shared-password"
                else "a venv image runs every server as the hub's own account, so students would share files and secrets")
-        logger.warning("this hub lets one person log in, %s: %s (for a class: an OCI image and hub.authenticator native or lti)",
+        logger.warning("this hub lets one person log in, %s: %s (for a class: an OCI image and hub.authenticator native)",
                        settings["single_user"], why)
     site.paths.homes.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTERHUB_", "PREFECT_"))}
