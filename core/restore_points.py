@@ -59,6 +59,9 @@ class ArchiveEntry(BaseModel):
     archive: str
     files: list[FileEntry]
     archive_hash: str  # "algorithm:hex" over every byte of the archive file
+    # A fast digest of the same bytes ("xxh3_128:hex"), for teardown's read-back check that the
+    # disk kept what was written; restore trusts archive_hash (SHA-256), never this.
+    readback_hash: str | None = None
     encryption: str | None = None  # the cipher of an encrypted archive (core.sealing.CIPHER_SCHEME)
 
     @field_validator("name", "archive")

@@ -88,14 +88,14 @@ def write_archive(root: Path, archive: Path, name: str, include: list[str] | Non
     archive.parent.mkdir(parents=True, exist_ok=True)
     tmp = archive.with_name(archive.name + ".partial")
     try:
-        members, digest = tarball.write(root, tmp, include, cipher)
+        members, digest, readback = tarball.write(root, tmp, include, cipher)
     except (tarball.ArchiveError, OSError) as exc:
         tmp.unlink(missing_ok=True)
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise BackupError(f"{name}: {detail}") from None
     os.replace(tmp, archive)
     return ArchiveEntry(name=name, archive=archive.name, files=[_entry(m) for m in members], archive_hash=digest,
-                        encryption=cipher.scheme if cipher else None)
+                        readback_hash=readback, encryption=cipher.scheme if cipher else None)
 
 
 def _check_listing(member: Member, want: FileEntry | None, who: str, *, content: bool) -> None:
@@ -131,22 +131,26 @@ def verify_archive(archive: Path, entry: ArchiveEntry, who: str, *, deep: bool =
                    cipher: StreamCipher | None = None) -> None:
     """Read an archive back (decrypting it with cipher) and check it against its manifest entry.
 
-    One pass checks the archive's SHA-256 (every byte written) and its listing
-    (names, types, sizes, modes, owners, link targets). The per-file SHA-256s are
-    only needed to name the damaged file when the digest does not match, so that
-    deeper pass runs only then. With durable, the archive is fsynced once it checks out.
+    One pass checks the archive's digest (every byte written) and its listing
+    (names, types, sizes, modes, owners, link targets): at teardown (durable) its
+    read-back digest, XXH3-128, as fast as the disk, for that pass asks only whether
+    the disk kept what olab wrote (restore checks the authenticated SHA-256); else the
+    SHA-256. The per-file SHA-256s are only needed to name the damaged file when the
+    digest does not match, so that deeper pass runs only then. With durable, the
+    archive is fsynced once it checks out.
     """
     _check_cipher(archive, entry, who, cipher)
     if not archive.is_file():
         raise VerificationFailed(f"{who}: archive {archive.name} is missing")
+    expected = entry.readback_hash if durable and entry.readback_hash and not deep else entry.archive_hash
     try:
-        found, digest = tarball.scan(archive, entry.hash_algorithm, hash_files=deep, cipher=cipher)
+        found, digest = tarball.scan(archive, expected.split(":", 1)[0], hash_files=deep, cipher=cipher)
     except tarball.ArchiveError as exc:
         if not deep:
             verify_archive(archive, entry, who, deep=True, cipher=cipher)
         raise VerificationFailed(f"{who}: archive {archive.name} is damaged: {exc}") from None
     _check_members(found, {f.path: f for f in entry.files}, who, content=deep)
-    if digest != entry.archive_hash:
+    if digest != expected:
         if not deep:
             verify_archive(archive, entry, who, deep=True, cipher=cipher)
         raise VerificationFailed(f"{who}: archive {archive.name} differs from the one written")

@@ -292,7 +292,7 @@ def test_an_encrypted_archive_reads_back_and_holds_nothing_in_clear(tmp_path):
     home = odd_home(tmp_path / "home")
     (home / "secret.json").write_text('{"token": "PLAINLY-SECRET-VALUE"}\n')
     key, cipher = sealed(tmp_path)
-    members, digest = tarball.write(home, tmp_path / "hub.tar.enc", cipher=cipher)
+    members, digest, _ = tarball.write(home, tmp_path / "hub.tar.enc", cipher=cipher)
     raw = (tmp_path / "hub.tar.enc").read_bytes()
     assert b"PLAINLY-SECRET-VALUE" not in raw and b"secret.json" not in raw and b"ustar" not in raw
     assert digest == "sha256:" + hashlib.sha256(raw).hexdigest(), "the digest is of the file as stored"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -81,7 +82,16 @@ def test_a_worker_runs_the_release_deployment_of_a_local_site(make_site, one_lab
     deploy_env = client_env | {"OLAB_PROJECT": str(tmp_path / "the-deployers-checkout")}
     # The worker's machine: the project checked out at OLAB_PROJECT, olab's home (the test
     # session's, where built environments are cached). Polling every second keeps the test short.
-    worker_env = client_env | {"OLAB_PROJECT": str(REPO), "OLAB_HOME": str(olab_home), "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    # A deployed flow takes a site *name* from the checkout's sites/, never a path: the worker's
+    # checkout is this repository with the test's site among its sites.
+    checkout = tmp_path / "worker-checkout"
+    checkout.mkdir()
+    for entry in REPO.iterdir():
+        if entry.name not in ("sites", ".git"):
+            (checkout / entry.name).symlink_to(entry)
+    (checkout / "sites").mkdir()
+    shutil.copy(path, checkout / "sites" / f"{site.name}.yaml")
+    worker_env = client_env | {"OLAB_PROJECT": str(checkout), "OLAB_HOME": str(olab_home), "PREFECT_WORKER_QUERY_SECONDS": "1"}
 
     server_log, worker_log = tmp_path / "server.log", tmp_path / "worker.log"
     server = _start([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], server_log, server_env, tmp_path)
@@ -121,7 +131,7 @@ def test_a_worker_runs_the_release_deployment_of_a_local_site(make_site, one_lab
 
         started = time.monotonic()
         run = _cli(
-            ["deployment", "run", "release/release", "--param", f"site={path}", "--watch", "--watch-timeout", "1200"],
+            ["deployment", "run", "release/release", "--param", f"site={site.name}", "--watch", "--watch-timeout", "1200"],
             client_env, tmp_path, 1300,
         )
         seconds = time.monotonic() - started
@@ -132,7 +142,7 @@ def test_a_worker_runs_the_release_deployment_of_a_local_site(make_site, one_lab
             f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [found["release"]["id"]]}}}, timeout=10
         ).json()
         assert len(runs) == 1
-        assert runs[0]["state_type"] == "COMPLETED" and runs[0]["parameters"] == {"site": str(path)}
+        assert runs[0]["state_type"] == "COMPLETED" and runs[0]["parameters"] == {"site": site.name}
         assert runs[0]["work_pool_name"] == "olab"
         assert f"submitting flow run '{runs[0]['id']}'" in worker_log.read_text(), "not run by the test's worker"
         # The release's own report, on the shared server: every health check passed.

@@ -176,6 +176,9 @@ def point(tmp_path):
     manifest = write_restore_point.fn(key, runtime, where, ["ann", "bob"], None, None)
     verify_restore_point.fn(where, manifest, key)
     assert (where / "COMPLETE").is_file()
+    # Teardown's read-back check uses the fast digest; restore trusts the SHA-256.
+    assert all(a.readback_hash.startswith("xxh3_128:") and a.archive_hash.startswith("sha256:")
+               for a in [*manifest.users, manifest.hub])
     return where, key, values
 
 
