@@ -137,8 +137,9 @@ def _build_oci(site: Site, platform: Platform, builder: str) -> BuildResult:
 def build_image(site: str = "local", dry_run: bool = False) -> ImageRef | FlowPlan:
     """Build the site's user image from its lock file, keyed by content hash.
 
-    site: a site name in sites/ (or a site file's path).
-    dry_run: only say whether the image would be built or reused; change nothing.
+    Args:
+        site: the site's name (its file in sites/); the olab CLI also takes a site file's path, deployed runs take names only.
+        dry_run: only say whether the image would be built or reused; change nothing.
     """
     the_site, platform = open_site(site, "build-image")
     with site_guard(the_site):

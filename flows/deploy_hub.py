@@ -46,10 +46,11 @@ def deploy_hub(
 ) -> HubDeployment | FlowPlan:
     """Run the hub on the given image (default: the last one built), then check it.
 
-    site: a site name in sites/ (or a site file's path).
-    image: the image users' servers run (default: the one build-image made last).
-    check: health-check the hub afterwards (a test user spawns a server and renders a lab).
-    dry_run: only say whether the hub would be started, restarted or left alone; change nothing.
+    Args:
+        site: the site's name (its file in sites/); the olab CLI also takes a site file's path, deployed runs take names only.
+        image: the image users' servers run (default: the one build-image made last).
+        check: health-check the hub afterwards (a test user spawns a server and renders a lab).
+        dry_run: only say whether the hub would be started, restarted or left alone; change nothing.
     """
     the_site, platform = open_site(site, "deploy-hub")
     logger = get_run_logger()

@@ -23,9 +23,10 @@ class ProvisionFailed(RuntimeError):
 def provision_cluster(site: str = "local", dry_run: bool = False, approve: bool = False) -> ProvisionReport | FlowPlan:
     """Prepare what the site's hub runs on, and check it.
 
-    site: a site name in sites/ (or a site file's path).
-    dry_run: only plan, and publish the plan; change nothing.
-    approve: apply a plan that destroys or replaces something without waiting for an operator (for CI).
+    Args:
+        site: the site's name (its file in sites/); the olab CLI also takes a site file's path, deployed runs take names only.
+        dry_run: only plan, and publish the plan; change nothing.
+        approve: apply a plan that destroys or replaces something without waiting for an operator (for CI).
     """
     the_site, platform = open_site(site, "provision-cluster")
     with site_guard(the_site):

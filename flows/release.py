@@ -18,8 +18,9 @@ from tasks.notebooks import discover_labs
 def release(site: str = "local", dry_run: bool = False) -> ReleaseResult | FlowPlan:
     """Ship the labs: a failing lab stops the release before anything is deployed.
 
-    site: a site name in sites/ (or a site file's path).
-    dry_run: only say what would be built, tested and deployed; change nothing.
+    Args:
+        site: the site's name (its file in sites/); the olab CLI also takes a site file's path, deployed runs take names only.
+        dry_run: only say what would be built, tested and deployed; change nothing.
     """
     the_site, platform = open_site(site, "release")
     with site_guard(the_site):

@@ -47,9 +47,10 @@ def _publish(site: Site, report: RestoreReport) -> RestoreReport:
 def restore(site: str = "local", restore_point: str | None = None, dry_run: bool = False) -> RestoreReport | FlowPlan:
     """Bring a torn-down site back, bit for bit, and redeploy its hub.
 
-    site: a site name in sites/ (or a site file's path).
-    restore_point: the id of the restore point to use (default: the newest complete one).
-    dry_run: only say what would be restored and started; change nothing.
+    Args:
+        site: the site's name (its file in sites/); the olab CLI also takes a site file's path, deployed runs take names only.
+        restore_point: the id of the restore point to use (default: the newest complete one).
+        dry_run: only say what would be restored and started; change nothing.
     """
     the_site, platform = open_site(site, "restore")
     logger = get_run_logger()

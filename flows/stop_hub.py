@@ -14,8 +14,9 @@ from flows._common import open_site, publish, publish_plan
 def stop_hub(site: str = "local", dry_run: bool = False) -> bool | FlowPlan:
     """Stop the hub and every user server, keeping all data; returns whether a hub was running.
 
-    site: a site name in sites/ (or a site file's path).
-    dry_run: only say what would be stopped; change nothing.
+    Args:
+        site: the site's name (its file in sites/); the olab CLI also takes a site file's path, deployed runs take names only.
+        dry_run: only say what would be stopped; change nothing.
     """
     the_site, platform = open_site(site, "stop-hub")
     with site_guard(the_site):

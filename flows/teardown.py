@@ -49,10 +49,11 @@ def _publish(site: Site, report: TeardownReport) -> TeardownReport:
 def teardown(site: str = "local", dry_run: bool = False, approve: bool = False) -> TeardownReport | FlowPlan:
     """Stop the site and keep everything in a verified restore point.
 
-    site: a site name in sites/ (or a site file's path).
-    dry_run: only say what would be stopped, kept and deleted; change nothing.
-    approve: on a gke site in destroy mode, delete the cluster and the snapshotted disks without
-    waiting for an operator (the site file's gke.shutdown.approve_destroy does so for every run).
+    Args:
+        site: the site's name (its file in sites/); the olab CLI also takes a site file's path, deployed runs take names only.
+        dry_run: only say what would be stopped, kept and deleted; change nothing.
+        approve: on a gke site in destroy mode, delete the cluster and the snapshotted disks without
+            waiting for an operator (the site file's gke.shutdown.approve_destroy does so for every run).
     """
     the_site, platform = open_site(site, "teardown")
     logger = get_run_logger()

@@ -56,10 +56,11 @@ def test_notebooks(
 ) -> LabReport | FlowPlan:
     """Run the labs (all, or those named) in the image; any failure fails the flow.
 
-    site: a site name in sites/ (or a site file's path).
-    image: the image to test in (default: build-image's, built if its inputs changed).
-    labs: lab names to run (default: every lab in the site's labs folder).
-    dry_run: only say which labs would run and which passed before in this image; change nothing.
+    Args:
+        site: the site's name (its file in sites/); the olab CLI also takes a site file's path, deployed runs take names only.
+        image: the image to test in (default: build-image's, built if its inputs changed).
+        labs: lab names to run (default: every lab in the site's labs folder).
+        dry_run: only say which labs would run and which passed before in this image; change nothing.
     """
     the_site, platform = open_site(site, "test-notebooks")
     logger = get_run_logger()
