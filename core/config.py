@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -53,16 +54,31 @@ class Target(str, Enum):
     gke = "gke"
 
 
-HttpsUrl = Annotated[str, Field(pattern=r"^https://[^\s/?#]+[^\s?#]*$")]
+_PLATFORM_URL = re.compile(r"^https?://[^\s/?#]+[^\s?#]*$")
+
+
+def _platform_url(value: str) -> str:
+    # http:// only for a platform on this machine (a test, a dev Moodle): on any other host
+    # its keys and launches would cross the network in clear. The gke target refuses even
+    # that (SiteConfig): its platform reaches the hub from outside.
+    if not _PLATFORM_URL.match(value):
+        raise ValueError(f"{_shown(value)} is not an https:// URL (no query or fragment)")
+    if value.startswith("http://") and not _loopback_url(value):
+        raise ValueError(f"{_shown(value)}: use https:// (http:// only on the local target, for a course platform on this machine's loopback)")
+    return value
+
+
+PlatformUrl = Annotated[str, AfterValidator(_platform_url)]
 
 
 class LtiSettings(_Section):
     """The course platform (an LTI 1.3 platform: Moodle, Canvas, ...) that logs students in.
-    Its client id is a secret of the site's store (Vault: lti_client_id)."""
+    Its client id is a secret of the site's store (`olab secrets init --lti-client-id`: on
+    the local target the 0600 store, on gke Vault; key lti_client_id)."""
 
-    issuer: HttpsUrl
-    authorize_url: HttpsUrl
-    jwks_endpoint: HttpsUrl
+    issuer: PlatformUrl
+    authorize_url: PlatformUrl
+    jwks_endpoint: PlatformUrl
     # The launch claim that becomes the JupyterHub user name; admins are named by it too.
     username_key: str = "email"
 
@@ -74,7 +90,7 @@ class HubSettings(_Section):
     proxy_api_port: Port = 8001
     admins: list[Username] = Field(default_factory=lambda: ["admin"], min_length=1)
     # native: students sign up and an admin approves each (the local target); lti: logins from
-    # the course platform (LTI 1.3, the gke target); shared-password: one person, a demo.
+    # the course platform (LTI 1.3; both targets); shared-password: one person, a demo.
     # None: the target's own (native on local, shared-password on gke, as before).
     authenticator: Literal["native", "shared-password", "lti"] | None = None
     default_url: str = "/lab"
@@ -411,10 +427,17 @@ class SiteConfig(_Section):
             object.__setattr__(self.hub, "authenticator", runnable[0])
         elif self.hub.authenticator not in runnable:
             raise ValueError(
-                f"hub.authenticator {self.hub.authenticator}: the {self.target.value} target runs {' or '.join(runnable)}"
-                + (" (LTI 1.3 logins need the hub on an HTTPS address the course platform reaches: the gke target)"
-                   if self.hub.authenticator == "lti" else "")
+                f"hub.authenticator {self.hub.authenticator}: the {self.target.value} target runs "
+                f"{', '.join(runnable[:-1])} or {runnable[-1]}"
             )
+        if self.target is Target.gke and self.hub.lti is not None:
+            for key in ("issuer", "authorize_url", "jwks_endpoint"):
+                url = getattr(self.hub.lti, key)
+                if not url.startswith("https://"):
+                    raise ValueError(
+                        f"hub.lti.{key} {_shown(url)}: the gke target's course platform must be https:// "
+                        "(http:// on loopback is for the local target)"
+                    )
         if self.target is Target.local:
             try:
                 loopback = ipaddress.ip_address(self.hub.host).is_loopback
@@ -427,7 +450,7 @@ class SiteConfig(_Section):
 
 # What each target can run, its default first.
 AUTHENTICATORS = {
-    Target.local: ("native", "shared-password"),
+    Target.local: ("native", "shared-password", "lti"),
     Target.gke: ("shared-password", "lti"),
 }
 

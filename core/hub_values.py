@@ -61,6 +61,40 @@ _DIGEST_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}@sha256:[0-9a-f]{64
 LtiPlatform = LtiSettings
 
 
+def lti_launch_admin(authenticator, handler, authentication):
+    """Who is an admin after an LTI 1.3 launch: the one rule both targets' hubs run, as
+    JupyterHub's ``Authenticator.post_auth_hook`` (see :func:`lti_admin_hook_code`).
+
+    A launch whose signed roles claim holds an Instructor or Administrator role of the
+    course (membership) or of the institution makes its user an admin; any other launch
+    makes them a plain user, so admin rights follow the latest launch (JupyterHub applies
+    ``admin`` at each login whenever it is not None). The site's hub.admins stay admins.
+    Only full role URIs count, not the spec's short names ("Instructor").
+
+    Self-contained (no module names, no imports): its source is what the hub runs.
+    """
+    admin_roles = {
+        "http://purl.imsglobal.org/vocab/lis/v2/membership#Instructor",
+        "http://purl.imsglobal.org/vocab/lis/v2/membership#Administrator",
+        "http://purl.imsglobal.org/vocab/lis/v2/institution/person#Instructor",
+        "http://purl.imsglobal.org/vocab/lis/v2/institution/person#Administrator",
+    }
+    # LTI13Authenticator puts the launch's verified claims in auth_state.
+    claims = authentication.get("auth_state") or {}
+    roles = claims.get("https://purl.imsglobal.org/spec/lti/claim/roles") if isinstance(claims, dict) else None
+    launched_as_admin = isinstance(roles, list) and any(isinstance(role, str) and role in admin_roles for role in roles)
+    authentication["admin"] = authentication["name"] in authenticator.admin_users or launched_as_admin
+    return authentication
+
+
+def lti_admin_hook_code() -> str:
+    """The hub's code for the rule: :func:`lti_launch_admin`'s source, wired as the hook. The
+    local hub reads it from its settings, the gke hub from ``hub.extraConfig``."""
+    import inspect
+
+    return inspect.getsource(lti_launch_admin) + f"\n\nc.Authenticator.post_auth_hook = {lti_launch_admin.__name__}\n"
+
+
 def chart_source(site: Site) -> tuple[str, str, str]:
     """(chart, repository URL, version) of the site's Zero-to-JupyterHub release."""
     gke = _gke(site)
@@ -92,6 +126,7 @@ def z2jh_values(site: Site, spec: HubSpec, *, lti: LtiPlatform | None = None, ba
         # The authenticator is the gate (an LMS launch, or the shared password).
         "Authenticator": {"admin_users": sorted(spec.admins), "allow_all": True},
     }
+    hub: dict[str, Any] = {"config": config}
     lti = lti or site.config.hub.lti
     if spec.authenticator == "lti":
         lti13: dict[str, Any] = {"uri_scheme": "https"}  # TLS ends at Google's load balancer
@@ -101,6 +136,8 @@ def z2jh_values(site: Site, spec: HubSpec, *, lti: LtiPlatform | None = None, ba
                 jwks_endpoint=lti.jwks_endpoint, username_key=lti.username_key,
             )
         config["LTI13Authenticator"] = lti13
+        # Admin rights from the launch's roles (Zero-to-JupyterHub runs extraConfig after config).
+        hub["extraConfig"] = {"olab-lti-admins": lti_admin_hook_code()}
 
     singleuser: dict[str, Any] = {
         # name:tag@digest: the digest is what runs, the tag is for people reading it.
@@ -133,7 +170,7 @@ def z2jh_values(site: Site, spec: HubSpec, *, lti: LtiPlatform | None = None, ba
         cull = {"enabled": False}
 
     return {
-        "hub": {"config": config},
+        "hub": hub,
         "proxy": {
             "service": {
                 "annotations": {

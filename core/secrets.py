@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets as _random
 import stat
 from pathlib import Path
@@ -16,6 +17,19 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 from core.files import atomic_write
 from core.runner import register_secrets
+
+
+# The client id of the site's LTI 1.3 registration on its course platform (the same key in
+# Vault for a gke site): `olab secrets init --lti-client-id ID` stores it.
+LTI_CLIENT_ID = "lti_client_id"
+_CLIENT_ID = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def lti_client_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a client id (never quoting it), or None."""
+    if not _CLIENT_ID.match(value):
+        return "a client id is 1 to 255 visible ASCII characters, without spaces (as the course platform shows it)"
+    return None
 
 
 class HubSecrets(BaseModel):
@@ -72,6 +86,30 @@ class SecretStore:
         atomic_write(self.path, json.dumps(plain, indent=2), mode=0o600)
         register_secrets([value])
         return value
+
+    def get(self, key: str) -> str | None:
+        """The store's value for an extra ``key`` (such as LTI_CLIENT_ID); None when the store
+        or the key is missing."""
+        if not self.path.exists():
+            return None
+        found = (self.load().__pydantic_extra__ or {}).get(key)
+        if not found:
+            return None
+        return found.get_secret_value() if isinstance(found, SecretStr) else str(found)
+
+    def put(self, key: str, value: str) -> str | None:
+        """Keep ``value`` under the extra ``key`` (the store made first if missing, 0600);
+        returns the value it replaced, if any. The hub's own secrets are not replaced here."""
+        if key in HubSecrets.model_fields:
+            raise ValueError(f"{key} is one of the hub's own secrets; it is made once, not set")
+        before = self.get(key)  # reads the store (refusing one that is not 0600), or None
+        if before is None:
+            self.load_or_create()
+        plain = json.loads(self.path.read_text())
+        plain[key] = value
+        atomic_write(self.path, json.dumps(plain, indent=2), mode=0o600)
+        register_secrets([value])
+        return before
 
     def load(self) -> HubSecrets:
         mode = stat.S_IMODE(self.path.stat().st_mode)

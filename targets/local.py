@@ -146,7 +146,15 @@ class LocalPlatform:
         return [mask(line) for line in lines[-10:]]
 
     def stop_hub(self) -> bool:
-        return local_hub.stop_hub(self.site) is not None
+        stopped = local_hub.stop_hub(self.site) is not None
+        recorded = load_state(self.site).hub
+        if recorded is not None and recorded.image is not None and recorded.image.is_oci:
+            settings = local_hub.written_settings(self.site)
+            if settings and settings.get("spawner") == "docker":
+                left = self._engine(recorded.image).remove_leftovers(settings["container_prefix"], self.site.name)
+                if left:
+                    task_logger().warning("removed what a hub stopped outright left behind: %s", ", ".join(left))
+        return stopped
 
     # User data: homes and the hub's state in the runtime folder, restore points in the backup folder.
     def data_facts(self) -> DataFacts:

@@ -9,6 +9,8 @@ document that ``templates/jupyterhub_config.py`` reads.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import socket
@@ -23,9 +25,19 @@ from pydantic import BaseModel
 
 from core.config import Site
 from core.files import atomic_write, content_hash, write_json
+from core.hub_values import lti_admin_hook_code
 from core.logs import task_logger
 from core.models import HubDeployment, HubPlan, HubSpec
-from core.runner import ServerDidNotStart, ToolMissing, http_answers, pid_alive, start_server, stop_process
+from core.runner import (
+    ServerDidNotStart,
+    ToolMissing,
+    http_answers,
+    pid_alive,
+    read_pid_file,
+    start_server,
+    stop_process,
+)
+from core.secrets import LTI_CLIENT_ID, SecretStore
 from tasks.hub_api import HubError
 
 PROCESS_RECORD = "olab-hub-process.json"
@@ -58,8 +70,15 @@ def hub_log(site: Site) -> Path:
     return site.paths.logs / "hub.log"
 
 
-# podman's default bridge (10.88.0.0/16; its gateway is the host's address on it).
+# podman's default bridge (10.88.0.0/16): the hub's API listens on its gateway, a host
+# address that each student's container reaches from its own bridge.
 BRIDGE_NETWORK = "podman"
+# Students' containers run in a user namespace: container uid u is host uid USERNS_BASE + u,
+# far above any account a Debian machine hands out (and above the 100000-based ranges of
+# /etc/subuid), so the container's root and its jovyan (1000) are nobody on this machine.
+USERNS_BASE = 1_700_000_000
+USERNS_SIZE = 65536
+CONTAINER_UID = 1000
 
 
 def hub_template() -> str:
@@ -75,7 +94,8 @@ def render_settings(
     docker_socket: Path | None = None,
     gateway: str | None = None,
 ) -> dict:
-    """The local hub's settings document (no secrets: only the store's path).
+    """The local hub's settings document (no secrets: only the store's path; for LTI logins,
+    the store must hold the client id).
 
     A venv image runs users' servers as local processes; an OCI image runs
     each as a container of that digest, through a Docker-compatible API.
@@ -83,24 +103,32 @@ def render_settings(
     paths = site.paths
     hub = site.config.hub
     image = spec.image
-    if spec.authenticator not in ("native", "shared-password"):
+    if spec.authenticator not in ("native", "shared-password", "lti"):
         raise HubError(
             f"{site.source}: hub.authenticator: {spec.authenticator} is not available on the local target; "
-            "use native (students sign up, an admin approves them) or shared-password (one person, a demo)"
+            "use native (students sign up, an admin approves them), lti (logins from the course platform) "
+            "or shared-password (one person, a demo)"
         )
+    if spec.authenticator == "lti" and not image.is_oci:
+        raise HubError(
+            f"{site.source}: hub.authenticator lti: a venv image runs every student's server as the hub's own account "
+            "(they would share files and secrets), and LTI logins are for a class; build an OCI image (./setup.sh as root)"
+        )
+    lti = lti_settings(site) if spec.authenticator == "lti" else None
     spawner: dict = {"spawner": "process"}
     if image.is_oci:
         if docker_socket is None or gateway is None:
             raise ValueError("an OCI image needs a container API socket and a bridge network to spawn users")
         spawner = {
             "spawner": "docker",
-            # Each user's container on this bridge, in its own network namespace; the hub's
-            # API listens on the bridge's gateway, the only host address the containers reach.
-            "network": BRIDGE_NETWORK,
+            # Each user's container on a bridge of its own (the template makes it); the hub's
+            # API listens on the default bridge's gateway, which every container reaches.
             "gateway": gateway,
             "docker_url": f"unix://{docker_socket}",
             "container_prefix": f"olab-{site.name}",
-            "container_uid": 1000,
+            "userns": {"base": USERNS_BASE, "size": USERNS_SIZE},
+            # Who owns a home on the host: the container's jovyan, as the user namespace maps it.
+            "home_uid": USERNS_BASE + CONTAINER_UID,
             "mem_limit": spec.limits.memory,
             "cpu_limit": spec.limits.cpu,
         }
@@ -114,6 +142,7 @@ def render_settings(
         **spawner,
         "single_user": single,
         "authenticator": spec.authenticator,
+        **({"lti": lti} if lti is not None else {}),
         "site": site.name,
         "host": hub.host,
         "port": hub.port,
@@ -148,6 +177,38 @@ def render_settings(
     }
 
 
+def lti_settings(site: Site) -> dict:
+    """The local hub's LTI 1.3 settings: the site's course platform, the admin rule's code,
+    and a fingerprint of the stored client id (never the id: the hub reads that from the
+    0600 store), so that a replaced client id restarts the hub at the next deploy.
+    HubError (one line) when no client id is stored."""
+    platform = site.config.hub.lti
+    if platform is None:  # the site file's validation requires it; said here if ever not
+        raise HubError(f"{site.source}: hub.authenticator lti needs a hub.lti section (issuer, authorize_url, jwks_endpoint)")
+    store = SecretStore(site.paths.secrets)
+    client_id = store.get(LTI_CLIENT_ID)
+    if client_id is None:
+        raise HubError(
+            f"{site.source}: hub.authenticator lti: no LTI client id in the site's secret store; store the id the course "
+            f"platform gave this tool with `olab secrets init --site {_site_ref(site)} --lti-client-id ID`"
+        )
+    key = bytes.fromhex(store.load().cookie_secret.get_secret_value())
+    return {
+        "issuer": platform.issuer,
+        "authorize_url": platform.authorize_url,
+        "jwks_endpoint": platform.jwks_endpoint,
+        "username_key": platform.username_key,
+        "uri_scheme": "http",  # the hub is on loopback, without TLS
+        "client_id_fingerprint": hmac.new(key, client_id.encode(), hashlib.sha256).hexdigest()[:16],
+        "admin_hook": lti_admin_hook_code(),
+    }
+
+
+def _site_ref(site: Site) -> str:
+    """How `--site` names this site: its name when it is the project's sites/<name>.yaml."""
+    return site.name if site.source == site.project / "sites" / f"{site.name}.yaml" else str(site.source)
+
+
 def config_hash(settings: dict, template: str, labs_hash: str) -> str:
     return content_hash(
         [
@@ -156,6 +217,14 @@ def config_hash(settings: dict, template: str, labs_hash: str) -> str:
             ("labs", labs_hash.encode()),
         ]
     )
+
+
+def written_settings(site: Site) -> dict | None:
+    """The settings document the site's hub was last started with, if any."""
+    try:
+        return json.loads((site.paths.hub / "olab-hub.json").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def write_hub_files(site: Site, settings: dict, template: str) -> Path:
@@ -239,6 +308,23 @@ def stop_hub(site: Site) -> int | None:
     current = running_process(site)
     _record(site).unlink(missing_ok=True)
     if current is None:
+        _stop_orphan_proxy(site)
         return None
     stop_process(current.pid, grace_seconds=30)
+    _stop_orphan_proxy(site)
     return current.pid
+
+
+def _stop_orphan_proxy(site: Site) -> None:
+    """A hub killed outright leaves its proxy running, holding the site's port: stopped by
+    the pid file the hub wrote, if that pid is still olab's proxy (not a reused pid)."""
+    pid_file = site.paths.hub / "proxy.pid"
+    pid = read_pid_file(pid_file)
+    try:
+        ours = pid is not None and b"tasks.proxy" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        ours = False
+    if ours:
+        task_logger().warning("stopping the proxy its hub left running (pid %d)", pid)
+        stop_process(pid)
+    pid_file.unlink(missing_ok=True)

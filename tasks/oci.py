@@ -260,6 +260,19 @@ class Engine:
         self.run([self.runtime, "run", "--rm", "--network", network, "--entrypoint", "true", image], timeout=120)
         return gateway
 
+    def remove_leftovers(self, container_prefix: str, site: str) -> list[str]:
+        """Students' containers (named ``<prefix>-...``) and their own bridges (labelled with
+        the site) that outlived their hub (a hub killed outright cannot stop them); returns
+        what it removed. A stopped hub has stopped its servers already: usually nothing."""
+        listed = self.run([self.runtime, "ps", "-a", "--format", "{{.Names}}"])
+        containers = [n for n in listed.split() if n.startswith(f"{container_prefix}-")]
+        if containers:
+            self.run([self.runtime, "rm", "-f", "-t", "5", *containers], timeout=120)
+        networks = self.run([self.runtime, "network", "ls", "-q", "--filter", f"label=olab-site={site}"]).split()
+        if networks:
+            self.run([self.runtime, "network", "rm", "-f", *networks], timeout=120)
+        return containers + networks
+
 
 def insecure_registries(site) -> list[str]:
     """The site's registry, when it is on loopback (olab's own, or a test's): plain HTTP."""

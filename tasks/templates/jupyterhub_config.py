@@ -65,6 +65,22 @@ if settings["authenticator"] == "native":
     c.NativeAuthenticator.check_common_password = True
     c.NativeAuthenticator.allowed_failed_logins = 5
     c.NativeAuthenticator.seconds_before_next_try = 60
+elif settings["authenticator"] == "lti":
+    # LTI 1.3 logins from the course platform: its signed launch (checked against its JWKS,
+    # issuer and our client id) names the user by the claim username_key, and its roles
+    # make them an admin or not at each launch (the rule's code comes with the settings,
+    # the same code the gke hub runs). The client id comes from the 0600 store only.
+    c.JupyterHub.authenticator_class = "ltiauthenticator.lti13.auth.LTI13Authenticator"
+    lti = settings["lti"]
+    c.LTI13Authenticator.issuer = lti["issuer"]
+    c.LTI13Authenticator.authorize_url = lti["authorize_url"]
+    c.LTI13Authenticator.jwks_endpoint = lti["jwks_endpoint"]
+    c.LTI13Authenticator.username_key = lti["username_key"]
+    c.LTI13Authenticator.uri_scheme = lti["uri_scheme"]
+    if not secrets.get("lti_client_id"):
+        raise SystemExit("olab: no LTI client id in the site's secret store: olab secrets init --lti-client-id ID")
+    c.LTI13Authenticator.client_id = {secrets["lti_client_id"]}
+    exec(compile(lti["admin_hook"], "olab-lti-admins", "exec"))
 else:
     # The single-user demo mode (see single_user below).
     c.JupyterHub.authenticator_class = "shared-password"
@@ -110,23 +126,60 @@ if settings["cull"]:
 
 
 if settings["spawner"] == "docker":
-    # Each user's container in its own network namespace on a bridge: from inside it, this
-    # machine's loopback (the Prefect API, the registry, the hub's own port, anything else
-    # bound to 127.0.0.1) is out of reach. The hub's API listens on the bridge's gateway,
-    # the one host address the containers reach, and answers nothing without a token; the
-    # proxy (on this machine) reaches each server at its container's address.
-    c.JupyterHub.spawner_class = "docker"
+    # Each student's container in a network namespace of its own, on a bridge of its own
+    # (podman's "isolate": no traffic between two such bridges): from inside it, this
+    # machine's loopback (the Prefect API, the registry, the hub's own port, anything bound
+    # to 127.0.0.1) and every other student's server are out of reach. The hub's API listens
+    # on the gateway of podman's default bridge, a host address the containers reach through
+    # their own gateway, and answers nothing without a token; the proxy (on this machine)
+    # reaches each server at its container's address. The container runs in a user namespace:
+    # its uid 1000 is host uid home_uid, which is no account of this machine.
+    from docker.errors import APIError
+    from dockerspawner import DockerSpawner
+    from traitlets import default
+
+    class OlabDockerSpawner(DockerSpawner):
+        @default("network_name")
+        def _own_network(self):
+            # The container's own (escaped) name: one bridge per student's server.
+            return self.object_name
+
+        async def start(self):
+            try:
+                await self.docker(
+                    "create_network", self.network_name, driver="bridge", check_duplicate=True,
+                    options={"isolate": "true"}, labels={"olab-site": settings["site"]},
+                )
+            except APIError as exc:
+                if "already" not in str(exc):  # a server started again keeps its network
+                    raise
+            return await super().start()
+
+        async def stop(self, now=False):
+            await super().stop(now=now)
+            try:
+                await self.docker("remove_network", self.network_name)
+            except APIError as exc:
+                self.log.warning("network %s of %s stays: %s", self.network_name, self.user.name, exc)
+
+    c.JupyterHub.spawner_class = OlabDockerSpawner
     c.JupyterHub.hub_ip = settings["gateway"]
     c.DockerSpawner.client_kwargs = {"base_url": settings["docker_url"]}
     c.DockerSpawner.image = settings["image"]
     # deploy-hub pulls the pinned digest first; a spawn never reaches a registry.
     c.DockerSpawner.pull_policy = "never"
-    c.DockerSpawner.network_name = settings["network"]
     c.DockerSpawner.use_internal_ip = True
     c.DockerSpawner.remove = True
     c.DockerSpawner.prefix = settings["container_prefix"]
     c.DockerSpawner.volumes = {settings["homes"] + "/{raw_username}": "/home/jovyan"}
     c.DockerSpawner.hub_connect_url = "http://%s:%d" % (settings["gateway"], settings["hub_api_port"])
+    # docker-py accepts only "host" as a user namespace mode; podman's API takes the mapping.
+    userns = settings["userns"]
+    c.DockerSpawner.extra_create_kwargs = {
+        "host_config": {
+            "UsernsMode": "auto:uidmapping=0:{base}:{size},gidmapping=0:{base}:{size}".format(**userns)
+        }
+    }
     c.Spawner.ip = "0.0.0.0"
     c.Spawner.port = 8888
     c.Spawner.cmd = ["jupyterhub-singleuser"]
@@ -148,16 +201,26 @@ def _dir_at(parent_fd, name, uid=None):
     except FileExistsError:
         made = False
     fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=parent_fd)
-    if made and uid is not None:
-        os.fchown(fd, uid, uid)
+    if uid is not None and (made or os.fstat(fd).st_uid != uid):
+        _own_tree(fd, uid)
     return fd
+
+
+def _own_tree(fd, uid):
+    """Give the folder ``fd`` and all in it to ``uid`` (the container's user as the host sees
+    it), links themselves and not what they point to: a home made before containers ran in
+    a user namespace (or restored from such a time) becomes its student's again."""
+    os.fchown(fd, uid, uid)
+    for _, dirs, files, dir_fd in os.fwalk(dir_fd=fd, follow_symlinks=False):
+        for name in dirs + files:
+            os.chown(name, uid, uid, dir_fd=dir_fd, follow_symlinks=False)
 
 
 def _give_labs(spawner):
     """Copy the site's labs into a new home; never overwrite a student's copy, never follow
     a link the student made (the hub runs as root here), and give only what it made to the
     container's user, as it would own its volume."""
-    uid = settings["container_uid"] if settings["spawner"] == "docker" else None
+    uid = settings["home_uid"] if settings["spawner"] == "docker" else None
     if "/" in spawner.user.name or spawner.user.name in (".", ".."):
         raise ValueError(f"user name {spawner.user.name!r} cannot name a home folder")
     homes = os.open(settings["homes"], os.O_RDONLY | os.O_DIRECTORY)

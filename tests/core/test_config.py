@@ -176,23 +176,6 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize(("content", "expected"), MALFORMED)
-def test_malformed_site_file_exits_2_with_one_line_per_problem(tmp_path, capsys, content, expected):
-    path = tmp_path / "bad.yaml"
-    path.write_bytes(content)
-    code, errors, out = run_cli(capsys, "status", "--site", str(path))
-    assert code == 2
-    assert len(errors) == len(expected), errors
-    for line, fragments in zip(errors, expected):
-        assert line.startswith(str(path)), line
-        for fragment in (fragments,) if isinstance(fragments, str) else fragments:
-            assert fragment in line, line
-    assert "Traceback" not in "\n".join(errors) + out
-    with pytest.raises(ConfigError) as info:  # the same lines from the library, without the CLI
-        load_site(str(path))
-    assert info.value.problems == errors
-
-
 def test_every_shipped_site_file_loads():
     shipped = sorted((REPO / "sites").glob("*.yaml"))
     assert shipped, "sites/*.yaml"
@@ -254,3 +237,83 @@ def test_an_unreadable_site_file_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as info:
         load_site(str(path))
     assert info.value.problems == [f"{path}: cannot read the site file: Permission denied"]
+
+
+# LTI 1.3 logins on the local target: the course platform's URLs are https://, or http:// on
+# this machine's loopback (a test, a dev Moodle); the gke target keeps https:// only.
+def lti_site(target: bytes, issuer: str, authorize_url: str, jwks_endpoint: str) -> bytes:
+    head = GKE if target == b"gke" else b"target: local\n"
+    return head + (
+        f"hub:\n  authenticator: lti\n  admins: [prof@example.org]\n  lti:\n    issuer: {issuer}\n"
+        f"    authorize_url: {authorize_url}\n    jwks_endpoint: {jwks_endpoint}\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "platform",
+    [
+        ("https://moodle.example.org", "https://moodle.example.org/mod/lti/auth.php", "https://moodle.example.org/mod/lti/certs.php"),
+        ("http://127.0.0.1:8080", "http://127.0.0.1:8080/auth", "http://127.0.0.1:8080/jwks"),
+        ("http://localhost/moodle", "http://localhost/moodle/mod/lti/auth.php", "http://localhost/moodle/mod/lti/certs.php"),
+        ("http://[::1]:9000", "http://[::1]:9000/auth", "http://127.0.0.2:9000/jwks"),
+    ],
+    ids=["https", "http-127.0.0.1", "http-localhost", "http-ipv6-loopback"],
+)
+def test_a_local_site_takes_lti_from_an_https_or_loopback_platform(tmp_path, platform):
+    path = tmp_path / "lti.yaml"
+    path.write_bytes(lti_site(b"local", *platform))
+    hub = load_site(str(path)).config.hub
+    assert hub.authenticator == "lti"
+    assert (hub.lti.issuer, hub.lti.authorize_url, hub.lti.jwks_endpoint) == platform
+    assert hub.lti.username_key == "email"
+
+
+def test_native_stays_the_local_default(tmp_path):
+    assert load_site(str(write(tmp_path, "target: local\n"))).config.hub.authenticator == "native"
+
+
+LTI_REFUSED = [
+    pytest.param(
+        lti_site(b"local", "https://lms.example.org", "http://lms.example.org/auth", "https://lms.example.org/jwks"),
+        ["hub.lti.authorize_url: 'http://lms.example.org/auth': use https:// (http:// only on the local target, for a "
+         "course platform on this machine's loopback)"],
+        id="local-http-off-loopback",
+    ),
+    pytest.param(
+        lti_site(b"local", "http://10.0.0.5", "http://10.0.0.5/auth", "https://lms.example.org/jwks"),
+        ["hub.lti.issuer: 'http://10.0.0.5': use https://", "hub.lti.authorize_url: 'http://10.0.0.5/auth': use https://"],
+        id="local-http-lan-two-lines",
+    ),
+    pytest.param(
+        lti_site(b"local", "ftp://lms.example.org", "https://lms.example.org/auth?x=1", "https://lms.example.org/jwks"),
+        ["hub.lti.issuer: 'ftp://lms.example.org' is not an https:// URL", "hub.lti.authorize_url: 'https://lms.example.org/auth?x=1' is not an https:// URL"],
+        id="not-urls",
+    ),
+    pytest.param(
+        lti_site(b"gke", "https://lms.example.org", "https://lms.example.org/auth", "http://127.0.0.1:8080/jwks"),
+        ["hub.lti.jwks_endpoint 'http://127.0.0.1:8080/jwks': the gke target's course platform must be https://"],
+        id="gke-http-loopback",
+    ),
+    pytest.param(b"target: local\nhub:\n  authenticator: lti\n", ["authenticator lti needs an lti section"], id="local-lti-without-platform"),
+    pytest.param(b"target: local\nhub:\n  authenticator: cas\n", ["hub.authenticator: Input should be 'native', 'shared-password' or 'lti'"],
+                 id="unknown-authenticator"),
+    pytest.param(GKE + b"hub:\n  authenticator: native\n", ["hub.authenticator native: the gke target runs shared-password or lti"],
+                 id="gke-native"),
+]
+
+
+@pytest.mark.parametrize(("content", "expected"), MALFORMED + LTI_REFUSED)
+def test_malformed_site_file_exits_2_with_one_line_per_problem(tmp_path, capsys, content, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    code, errors, out = run_cli(capsys, "status", "--site", str(path))
+    assert code == 2
+    assert len(errors) == len(expected), errors
+    for line, fragments in zip(errors, expected):
+        assert line.startswith(str(path)), line
+        for fragment in (fragments,) if isinstance(fragments, str) else fragments:
+            assert fragment in line, line
+    assert "Traceback" not in "\n".join(errors) + out
+    with pytest.raises(ConfigError) as info:  # the same lines from the library, without the CLI
+        load_site(str(path))
+    assert info.value.problems == errors
