@@ -20,7 +20,9 @@ While the lock is held, ``<site>.holder.json`` next to it names the holder:
 flow, Prefect flow run (id, name), pid, host and since when (UTC). It is
 written (atomically) after the lock is taken and removed before it is
 released; a holder that was killed leaves it behind, and the next holder
-reports it and overwrites it.
+reports it, marks its Prefect flow run and that run's subflow runs Crashed if
+they still show as running (a process killed outright never reports its end),
+and overwrites it.
 
 A waiter polls the lock, logs every 30 s whom it waits for, and gives up after
 :data:`WAIT_SECONDS` (30 minutes; the environment variable
@@ -240,6 +242,43 @@ def _mirror(site: Site, *, held: bool) -> None:
         )
 
 
+def _crash_left_run(site: Site, record: dict[str, Any]) -> None:
+    """Mark Crashed, in Prefect, the flow run of a holder that died holding the lock (and its
+    subflow runs), if they still show as running: a process killed outright never reports its
+    end, and the UI would show it Running for ever. The lock proves the holder is gone (the
+    kernel freed it; a holder that ends any other way removes its record first).
+    Any failure is a warning, as for the mirror."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+    from prefect.states import Crashed
+
+    if not record.get("run_id") or not PREFECT_API_URL.value():
+        return
+    message = f"olab: its process (pid {record.get('pid')}) ended holding site {site.name}'s lock; found by the next flow on the site"
+    try:
+        run_id = UUID(record["run_id"])
+        with (
+            temporary_settings({PREFECT_CLIENT_MAX_RETRIES: 1}),
+            get_client(httpx_settings={"timeout": MIRROR_TIMEOUT_SECONDS}, sync_client=True) as client,
+        ):
+            runs = [client.read_flow_run(run_id)]
+            runs += client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run_id])))
+            crashed = []
+            for run in runs:
+                if run.state is not None and not run.state.is_final():
+                    client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                    crashed.append(run.name)
+        if crashed:
+            task_logger().warning("site %s: marked Crashed in Prefect: %s", site.name, ", ".join(crashed))
+    except Exception as exc:  # noqa: BLE001 - bookkeeping for the UI must never end the flow
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        task_logger().warning("site %s: could not mark the dead holder's run %s Crashed in Prefect: %s",
+                              site.name, record.get("run_id"), reason)
+
+
 @contextmanager
 def site_guard(site: Site, *, wait_seconds: float | None = None) -> Iterator[None]:
     """Hold the site's lifecycle lock for the block; re-entrant within one run.
@@ -263,6 +302,7 @@ def site_guard(site: Site, *, wait_seconds: float | None = None) -> Iterator[Non
                     "its work may be half done",
                     site.name, _who(left),
                 )
+                _crash_left_run(site, left)
             write_json(holder_file(site), _holder_record(site), mode=0o600)
             log.info("took the lifecycle lock of site %s", site.name)
             _mirror(site, held=True)

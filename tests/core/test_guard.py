@@ -318,6 +318,61 @@ def test_a_holder_in_a_flow_run_is_named_and_shown_in_the_prefect_ui(make_site, 
     assert _active_slots(site) == 0
 
 
+# A release-like flow: it takes the lock, then a subflow waits inside it (killed there).
+PARENT_HOLDER = """
+import json, os, pathlib, sys, time
+from prefect import flow
+from prefect.runtime import flow_run
+from core.config import load_site
+from core.guard import site_guard
+
+site_path, ready, go = sys.argv[1:4]
+
+@flow(name="holder-child")
+def child(parent_id):
+    pathlib.Path(ready + ".tmp").write_text(json.dumps({"parent": parent_id, "child": flow_run.id}))
+    os.replace(ready + ".tmp", ready)
+    while not os.path.exists(go):
+        time.sleep(0.05)
+
+@flow(name="holder-flow")
+def parent():
+    with site_guard(load_site(site_path)):
+        child(flow_run.id)
+
+parent()
+"""
+
+
+@pytest.mark.slow
+def test_the_next_flow_marks_a_killed_holders_runs_crashed(make_site, tmp_path, caplog):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    path, site = _site(make_site, "crashed")
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    proc = _start(PARENT_HOLDER, path, ready, go, env={"PREFECT_API_URL": PREFECT_API_URL.value()})
+    try:
+        wait_for_file(ready, proc)
+        runs = json.loads(ready.read_text())
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        _stop(proc)
+    with get_client(sync_client=True) as client:
+        before = {k: client.read_flow_run(v).state.type.value for k, v in runs.items()}
+    assert before == {"parent": "RUNNING", "child": "RUNNING"}, "killed outright, Prefect still shows them running"
+
+    caplog.set_level("INFO", logger="olab")
+    with site_guard(site, wait_seconds=30):
+        pass
+    with get_client(sync_client=True) as client:
+        after = {k: client.read_flow_run(v).state for k, v in runs.items()}
+    assert {k: s.type.value for k, s in after.items()} == {"parent": "CRASHED", "child": "CRASHED"}
+    assert f"pid {proc.pid}" in after["parent"].message
+    assert any("marked Crashed in Prefect" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.slow
 def test_a_stale_slot_in_prefect_blocks_nobody(make_site):
     from prefect.client.orchestration import get_client
