@@ -44,11 +44,33 @@ def _check_site(ref: str, command: str | None = None) -> Site:
     return site
 
 
+def _prefect(*, start: bool = True):
+    """Prefect settings for a command: the API the caller configured (PREFECT_API_URL in the
+    environment, profile or settings in force) if any, else olab's Prefect server, started
+    first when ``start`` (one line says so), else only if it runs. Never a temporary server."""
+    from olab import prefect_server
+
+    if prefect_server.configured_api():
+        return prefect_server.using(None)
+    if not start:
+        return prefect_server.using(prefect_server.running())
+    server, started = prefect_server.ensure_started()
+    if started:
+        _err(f"started olab's Prefect server at {server.ui} (pid {server.pid}); it stays up for the next commands"
+             " (`olab server stop` stops it); `olab credentials` shows its login")
+    return prefect_server.using(server)
+
+
 def _run_flow(name: str, call: Callable[[], object], summary: Callable[[object], list[str]]) -> int:
     from core.models import FlowPlan
+    from olab.prefect_server import PrefectServerError
 
     try:
-        result = call()
+        with _prefect():
+            result = call()
+    except PrefectServerError as exc:
+        _err(f"olab {name}: {exc}")
+        return EXIT_FAILED
     except ConfigError as exc:
         for line in exc.problems:
             _err(line)
@@ -182,7 +204,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         for line in exc.problems:
             _err(line)
         return EXIT_USAGE
-    for line in site_status(site, runs=not args.no_runs):
+    with _prefect(start=False) if not args.no_runs else contextlib.nullcontext():
+        lines = site_status(site, runs=not args.no_runs)
+    for line in lines:
         print(line)
     return EXIT_OK
 
@@ -197,11 +221,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAILED
 
 
+def _prefect_login() -> str:
+    from olab import prefect_server
+
+    server, login = prefect_server.running(), prefect_server.credential()
+    if not login:
+        return "Prefect UI: not started yet on this machine (the first flow command starts it and makes its login)"
+    user, _, password = login.partition(":")
+    where = server.ui if server else "not running (the next flow command starts it)"
+    return f"Prefect UI: {where}  user: {user}  password: {password}"
+
+
 def cmd_credentials(args: argparse.Namespace) -> int:
     from core.secrets import SecretStore
 
     site = _check_site(args.site, "credentials")
     if not site.paths.secrets.exists():
+        print(_prefect_login())
         _err(f"site {site.name} has no secret store yet; run `olab provision` or `olab up`")
         return EXIT_FAILED
     secrets = SecretStore(site.paths.secrets).load()
@@ -209,22 +245,26 @@ def cmd_credentials(args: argparse.Namespace) -> int:
     if site.config.hub.authenticator == "shared-password":
         print(f"admin:    {site.config.hub.admins[0]}  password: {secrets.admin_password.get_secret_value()}")
         print("students: none (shared-password is the single-user demo mode; use hub.authenticator native for a class)")
+    elif site.config.hub.authenticator == "lti":
+        print(f"logins:   from the course platform only (LTI 1.3, {site.config.hub.lti.issuer}); no password opens this hub")
+        print(f"admins:   {', '.join(site.config.hub.admins)}, and whoever launches as Instructor or Administrator")
     else:
         print(f"admins:   {', '.join(site.config.hub.admins)}  password: {secrets.admin_password.get_secret_value()}")
         print(f"students: sign up at {site.hub_url}/hub/signup; an admin approves each name at {site.hub_url}/hub/authorize")
-    from olab.serve import PREFECT_AUTH_KEY
-
-    if auth := (secrets.__pydantic_extra__ or {}).get(PREFECT_AUTH_KEY):
-        print(f"Prefect UI (olab serve): {auth.get_secret_value() if hasattr(auth, 'get_secret_value') else auth}")
+    print(_prefect_login())
     return EXIT_OK
 
 
 def cmd_secrets(args: argparse.Namespace) -> int:
-    """`olab secrets init`: a new gke site's hub secrets, generated and written into Vault once."""
+    """`olab secrets init`: a new gke site's hub secrets, generated and written into Vault once;
+    on a local site, the LTI client id, kept in its 0600 store."""
     site = _check_site(args.site, "secrets")
+    if site.config.vault is None and site.config.target.value == "local" and args.lti_client_id is not None:
+        return _store_local_lti_client_id(site, args.lti_client_id, force=args.force)
     if site.config.vault is None:
         _err(f"{site.source}: vault: olab secrets init writes a gke site's secrets into Vault; this site has no vault section"
-             " (a local site's secrets are made by `olab provision` in its 0600 store)")
+             " (a local site's secrets are made by `olab provision` in its 0600 store; `--lti-client-id ID` stores its"
+             " LTI client id there)")
         return EXIT_USAGE
     from tasks.vault import VaultError, init_hub_secrets, vault_access
 
@@ -240,6 +280,34 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _store_local_lti_client_id(site: Site, client_id: str, *, force: bool) -> int:
+    """The client id of the site's LTI registration, into its 0600 store (made if missing);
+    the value is never printed. A different id already there is replaced only with --force."""
+    from core.secrets import LTI_CLIENT_ID, SecretStore, lti_client_id_problem
+
+    if problem := lti_client_id_problem(client_id):
+        _err(f"olab secrets init: --lti-client-id: {problem}")
+        return EXIT_USAGE
+    store = SecretStore(site.paths.secrets)
+    try:
+        before = store.get(LTI_CLIENT_ID)
+        if before is not None and before != client_id and not force:
+            _err(f"olab secrets init: {store.path} already holds another LTI client id; --force replaces it")
+            return EXIT_FAILED
+        if before != client_id:
+            store.put(LTI_CLIENT_ID, client_id)
+    except (OSError, ValueError) as exc:  # a store that is not 0600, unreadable, or not JSON
+        _err(f"olab secrets init: {exc}")
+        return EXIT_FAILED
+    verb = "kept" if before == client_id else "replaced" if before else "stored"
+    print(f"{verb} the LTI client id of site {site.name} in {store.path} (mode 0600; the value is never printed)")
+    if site.config.hub.authenticator != "lti":
+        print(f"  the hub uses it with hub.authenticator lti (this site's is {site.config.hub.authenticator})")
+    elif before != client_id:
+        print("  `olab deploy` starts (or restarts) the hub with it")
+    return EXIT_OK
+
+
 def cmd_lock(args: argparse.Namespace) -> int:
     from olab.lock import regenerate_lock
 
@@ -247,6 +315,39 @@ def cmd_lock(args: argparse.Namespace) -> int:
     path = regenerate_lock(site.image_context)
     print(f"wrote {path}")
     return EXIT_OK
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """`olab server status|stop`: olab's Prefect server on this machine (one per olab home).
+    status exits 0 when it runs and answers, 1 when not; stop exits 0 (stopped, or was not running)."""
+    from olab import prefect_server
+
+    if args.action == "stop":
+        done = prefect_server.stop()
+        if done.stopped:
+            print(f"stopped olab's Prefect server at {done.server.ui} (pid {done.server.pid})")
+        elif done.server:
+            print(f"olab's Prefect server was not running (its record named pid {done.server.pid}, "
+                  "which is gone or not the server; the record is removed)")
+        else:
+            print("olab's Prefect server was not running")
+        return EXIT_OK
+    server = prefect_server.read_record()
+    if server is None:
+        print(f"olab's Prefect server: not running (the next flow command starts it); home {prefect_server.folder()}")
+        return EXIT_FAILED
+    from core.runner import pid_alive
+
+    alive = pid_alive(server.pid) and prefect_server.is_ours(server.pid, server.port)
+    healthy = alive and prefect_server.answers(server)
+    state = "running" if healthy else ("NOT ANSWERING" if alive else "not running (stale record)")
+    print(f"olab's Prefect server: {state}")
+    print(f"  url      {server.ui}")
+    print(f"  pid      {server.pid}")
+    print(f"  since    {server.started_at.astimezone():%Y-%m-%d %H:%M:%S}")
+    print(f"  healthy  {'yes' if healthy else 'no'}")
+    print(f"  log      {prefect_server.log_file()}")
+    return EXIT_OK if healthy else EXIT_FAILED
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -266,11 +367,13 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "restore": (cmd_restore, "bring the site back from its newest complete restore point"),
     "status": (cmd_status, "what is deployed: image, hub, health, last runs"),
     "stop": (cmd_stop, "stop the hub and user servers, keeping all data"),
-    "serve": (cmd_serve, "start the Prefect UI and serve every deployment with its schedules"),
+    "serve": (cmd_serve, "serve every deployment with its schedules on olab's Prefect server (its UI)"),
+    "server": (cmd_server, "status|stop: olab's Prefect server on this machine (started by the first flow command)"),
     "doctor": (cmd_doctor, "which image builder and container runtime this machine has, and what to install"),
     "credentials": (cmd_credentials, "print the hub's login passwords (from the 0600 secret store)"),
     "lock": (cmd_lock, "regenerate the image's lock file from its requirements.in"),
-    "secrets": (cmd_secrets, "secrets init: write a new gke site's hub secrets into Vault, once"),
+    "secrets": (cmd_secrets, "secrets init: write a new gke site's hub secrets into Vault, once; on a local site, "
+                             "store its LTI client id"),
 }
 
 
@@ -298,27 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--no-runs", action="store_true", help="do not ask Prefect for the last runs")
         if name == "secrets":
             cmd.add_argument("action", choices=["init"], help="init: generate the site's hub secrets and write them once")
-            cmd.add_argument("--force", action="store_true", help="replace secrets that are already there (every user is logged out)")
-            cmd.add_argument("--lti-client-id", help="the client id of the site's LTI 1.3 registration on the course platform")
+            cmd.add_argument("--force", action="store_true",
+                             help="replace secrets that are already there (Vault: every user is logged out; a local site: "
+                                  "only its LTI client id)")
+            cmd.add_argument("--lti-client-id",
+                             help="the client id of the site's LTI 1.3 registration on the course platform (a local site: "
+                                  "kept in its 0600 secret store)")
         if name == "serve":
-            cmd.add_argument("--port", type=int, default=4200, help="Prefect UI port on 127.0.0.1 (default 4200)")
+            cmd.add_argument("--port", type=int, default=None,
+                             help="port on 127.0.0.1 for olab's Prefect server if serve starts it (default 4200, else a free one)")
+        if name == "server":
+            cmd.add_argument("action", choices=["status", "stop"], help="status: url, pid, since, healthy; stop: stop it")
     return parser
-
-
-def _serve_server(command: str):
-    """Settings that run the command's flow on a running `olab serve`'s Prefect server:
-    its runs land in that UI, and no temporary server has to start."""
-    if command != "serve" and not os.environ.get("PREFECT_API_URL"):
-        from olab.serve import running_server
-
-        found = running_server()
-        if found:
-            from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-
-            url, auth = found
-            _err(f"using the Prefect server of olab serve: {url.removesuffix('/api')}")
-            return temporary_settings({PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: auth})
-    return contextlib.nullcontext()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -326,13 +420,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "site"):
         args.site = "local"
     handler = COMMANDS[args.command][0]
+    from olab.prefect_server import PrefectServerError
+
     try:
-        with _serve_server(args.command):
-            return handler(args)
+        return handler(args)
     except ConfigError as exc:
         for line in exc.problems:
             _err(line)
         return EXIT_USAGE
+    except PrefectServerError as exc:
+        _err(f"olab {args.command}: {exc}")
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`olab serve`: the Prefect UI on 127.0.0.1 and every deployment of prefect.yaml.
+"""`olab serve`: every deployment of prefect.yaml, on olab's Prefect server (its UI on 127.0.0.1).
 
 Deployments are served by this process (no work pool is needed on one
 machine), each with its parameter form and its schedules, so an operator can
@@ -8,51 +8,13 @@ run any lifecycle flow of the site from the UI.
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import secrets
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.config import ConfigError, Site, find_project, olab_home
-from core.files import write_json
-from core.runner import ServerDidNotStart, http_answers, pid_alive, start_server, stop_process
-
-
-def server_file() -> Path:
-    """Where `olab serve` says which Prefect server it runs, for the other commands."""
-    return olab_home() / "prefect-server.json"
-
-
-PREFECT_AUTH_KEY = "prefect_api_auth"
-
-
-def prefect_auth(site: Site) -> str:
-    """The credential the Prefect server `olab serve` starts requires (HTTP basic,
-    ``olab:<random>``), kept in the site's 0600 secret store: nothing on this machine's
-    loopback (a student's process included) can run or read flows without it."""
-    from core.secrets import SecretStore
-
-    return SecretStore(site.paths.secrets).extra(PREFECT_AUTH_KEY, lambda: "olab:" + secrets.token_urlsafe(24))
-
-
-def running_server() -> tuple[str, str] | None:
-    """(API URL, credential) of the Prefect server a live `olab serve` started, if it answers."""
-    from core.secrets import SecretStore
-
-    try:
-        info = json.loads(server_file().read_text())
-        url, pid, store = info["url"], int(info["pid"]), Path(info["secrets"])
-        auth = (SecretStore(store).load().__pydantic_extra__ or {})[PREFECT_AUTH_KEY]
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    auth = auth.get_secret_value() if hasattr(auth, "get_secret_value") else str(auth)
-    return (url, auth) if pid_alive(pid) and http_answers(f"{url}/health") else None
-
+from core.config import ConfigError, Site, find_project
 
 # The slug that marks a prefect.yaml schedule as the site's own (schedules.<which> of the
 # site file, in its timezone); `prefect deploy` keeps the cron written next to it.
@@ -130,52 +92,27 @@ def to_runner_deployments(site: Site, specs: list[DeploymentSpec]) -> list:
     return deployments
 
 
-def start_prefect_server(site: Site, port: int, auth: str) -> tuple[int, str]:
-    url = f"http://127.0.0.1:{port}/api"
-    # The credential reaches the server through its environment, never argv.
-    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": url,
-           "PREFECT_SERVER_API_AUTH_STRING": auth}
-    env.pop("PREFECT_API_URL", None)
-    log = site.paths.logs / "prefect-server.log"
-    try:
-        pid = start_server(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=site.paths.runtime, log_file=log, env=env, ready=lambda: http_answers(f"{url}/health"),
-            timeout=90, what=f"the Prefect server on {url}", poll=0.5,
-        )
-    except ServerDidNotStart as exc:
-        raise RuntimeError(str(exc)) from None
-    return pid, url
-
-
-def serve_site(site: Site, port: int = 4200) -> int:
+def serve_site(site: Site, port: int | None = None) -> int:
+    """Serve the site's deployments on olab's Prefect server (started first if it is not
+    running, on ``port`` or else 4200), or on the Prefect API the caller configured.
+    The server stays up when serve ends: other commands and the UI go on using it."""
     from prefect import serve
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from olab import prefect_server
 
     specs = read_deployments(find_project())
-    site.paths.logs.mkdir(parents=True, exist_ok=True)
     deployments = to_runner_deployments(site, specs)
-    external = os.environ.get("PREFECT_API_URL")
-    pid = None
-    settings = {}
-    if external:
-        url = external
+    server = None
+    if external := prefect_server.configured_api():
+        print(f"Prefect API: {external}")
     else:
-        auth = prefect_auth(site)
-        pid, url = start_prefect_server(site, port, auth)
-        print(f"Prefect UI: {url.removesuffix('/api')}  (server pid {pid}, log {site.paths.logs / 'prefect-server.log'}); "
-              "it asks for the credential `olab credentials` shows")
-        # Other olab commands on this machine run their flows on this server (and show in its
-        # UI): they read its credential from the site's secret store this names.
-        write_json(server_file(), {"url": url, "pid": pid, "site": site.name, "secrets": str(site.paths.secrets)})
-        settings = {PREFECT_API_AUTH_STRING: auth}
+        server, started = prefect_server.ensure_started(port)
+        verb = "started" if started else "running"
+        print(f"Prefect UI: {server.ui}  (olab's Prefect server, {verb}, pid {server.pid}, log {prefect_server.log_file()}); "
+              "it asks for the login `olab credentials` shows, and stays up when serve ends (`olab server stop`)")
     try:
-        with temporary_settings({PREFECT_API_URL: url, **settings}):
+        with prefect_server.using(server):
             serve(*deployments)
     except KeyboardInterrupt:
         pass
-    finally:
-        if pid:
-            server_file().unlink(missing_ok=True)
-            stop_process(pid)
     return 0

@@ -92,6 +92,10 @@ def site_status(site: Site, runs: bool = True) -> list[str]:
 
 
 def _runs(site: Site) -> list[str]:
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():  # status starts no Prefect server, and no temporary one
+        return ["  last runs: unknown: olab's Prefect server is not running (the next flow command starts it)"]
     try:
         found = last_runs(site)
     except Exception as exc:  # status must answer even when Prefect does not

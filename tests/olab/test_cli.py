@@ -13,8 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.config import load_site
-
+from olab import prefect_server
 from olab.cli import main
 from core.runner import pid_alive, stop_process
 from tests.conftest import free_port
@@ -66,9 +65,11 @@ def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> httpx.R
 
 
 @pytest.mark.slow
-def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
+def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path, monkeypatch):
     path = str(make_site("srv", schedules={"timezone": "Europe/Paris", "teardown": "30 18 * * 5", "restore": "15 6 * * 1"}))
     port = free_port()
+    # Its own olab home: the Prefect server serve starts (and leaves up) is this test's.
+    monkeypatch.setenv("OLAB_HOME", str(tmp_path / "home"))
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     log = open(tmp_path / "serve.log", "w+")
@@ -81,11 +82,8 @@ def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
         api = f"http://127.0.0.1:{port}/api"
         _wait_for(f"{api}/health", proc)
         assert "<html" in _wait_for(f"http://127.0.0.1:{port}/", proc).text.lower()
-        # The server requires the credential kept in the site's secret store (not on argv).
-        from core.secrets import SecretStore
-
-        auth = SecretStore(load_site(path).paths.secrets).load().__pydantic_extra__["prefect_api_auth"]
-        auth = auth.get_secret_value() if hasattr(auth, "get_secret_value") else auth
+        # The server requires olab's credential, kept in the olab home's 0600 file (not on argv).
+        auth = prefect_server.credential()
         assert httpx.post(f"{api}/deployments/filter", json={"limit": 1}, timeout=5).status_code == 401
         assert httpx.post(f"{api}/flow_runs/filter", json={"limit": 1}, timeout=5,
                           auth=("olab", "wrong")).status_code == 401
@@ -109,14 +107,14 @@ def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
         }
         assert crons == {"teardown": [("30 18 * * 5", "Europe/Paris")], "restore": [("15 6 * * 1", "Europe/Paris")]}
         assert found["deploy-hub"]["schedules"] == []
-        # Another olab command on this machine runs its flow on serve's server: no temporary
-        # server, and the run shows in serve's UI.
+        # Another olab command on this machine runs its flow on the server serve started: it
+        # starts no other, no temporary one either, and the run shows in serve's UI.
         other = subprocess.run(
             [sys.executable, "-m", "olab.cli", "provision", "--site", path],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
         )
         assert other.returncode == 0, other.stderr
-        assert f"using the Prefect server of olab serve: http://127.0.0.1:{port}" in other.stderr
+        assert "started olab's Prefect server" not in other.stderr
         assert "temporary server" not in other.stderr + other.stdout
         runs = client.post(f"{api}/flow_runs/filter", json={"limit": 20}).json()
         assert any(r["parameters"].get("site") == path for r in runs), "the provision run is not on serve's server"
@@ -132,24 +130,25 @@ def test_serve_starts_the_ui_and_serves_every_deployment(make_site, tmp_path):
         assert state["type"] == "FAILED" and "takes a site name" in state["message"], state
 
         log.seek(0)
-        match = re.search(r"server pid (\d+)", log.read())
+        match = re.search(rf"Prefect UI: http://127.0.0.1:{port} .*Prefect server, started, pid (\d+)", log.read())
         assert match, "serve did not say which Prefect server it started"
         server_pid = int(match.group(1))
         for pid in (proc.pid, server_pid):
             assert password not in Path(f"/proc/{pid}/cmdline").read_text(), "the credential is on a command line"
-    finally:
         os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
+        proc.wait(60)
+        # The server outlives serve: later commands and the UI go on using it.
+        assert pid_alive(server_pid) and prefect_server.running().pid == server_pid, "serve stopped the Prefect server"
+        assert main(["server", "stop"]) == 0
+        assert not pid_alive(server_pid) and prefect_server.running() is None
+    finally:
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        if server_pid and pid_alive(server_pid):
-            stop_process(server_pid)
-    assert server_pid and not pid_alive(server_pid), "serve must stop the Prefect server it started"
-    from olab.serve import running_server, server_file
-
-    assert not server_file().exists() and running_server() is None
+        recorded = prefect_server.read_record()
+        for pid in {server_pid, recorded.pid if recorded else None} - {None}:
+            if pid_alive(pid):
+                stop_process(pid)
 
 
 @pytest.mark.slow
