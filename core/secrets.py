@@ -55,7 +55,18 @@ class HubSecrets(BaseModel):
     def values(self) -> list[str]:
         """Every secret value, the extra keys (LTI, registry) included."""
         fields = [*self.__dict__.values(), *(self.__pydantic_extra__ or {}).values()]
-        return [v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in fields if v is not None]
+        return [_plain(v) for v in fields if v is not None]
+
+    def extras(self) -> dict[str, str]:
+        """The extra keys beside the hub's own secrets (LTI, ...), in clear."""
+        return {k: _plain(v) for k, v in (self.__pydantic_extra__ or {}).items() if v is not None}
+
+    def extra_value(self, key: str) -> str | None:
+        return self.extras().get(key) or None
+
+
+def _plain(value) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
 
 
 class SecretStore:
@@ -73,29 +84,12 @@ class SecretStore:
         register_secrets(fresh.values())
         return fresh
 
-    def extra(self, key: str, make) -> str:
-        """The store's value for ``key``, made by ``make()`` and kept (0600) the first time:
-        a credential of olab's own beside the hub's, such as the Prefect server's."""
-        secrets = self.load_or_create()
-        found = (secrets.__pydantic_extra__ or {}).get(key)
-        if found:
-            return found.get_secret_value() if isinstance(found, SecretStr) else str(found)
-        value = make()
-        plain = json.loads(self.path.read_text())
-        plain[key] = value
-        atomic_write(self.path, json.dumps(plain, indent=2), mode=0o600)
-        register_secrets([value])
-        return value
-
     def get(self, key: str) -> str | None:
         """The store's value for an extra ``key`` (such as LTI_CLIENT_ID); None when the store
         or the key is missing."""
         if not self.path.exists():
             return None
-        found = (self.load().__pydantic_extra__ or {}).get(key)
-        if not found:
-            return None
-        return found.get_secret_value() if isinstance(found, SecretStr) else str(found)
+        return self.load().extra_value(key)
 
     def put(self, key: str, value: str) -> str | None:
         """Keep ``value`` under the extra ``key`` (the store made first if missing, 0600);

@@ -277,7 +277,7 @@ class GkePlatform(GkeShutdown):
         ingress_digest = content_hash((p.relative_to(chart_dir).as_posix(), p.read_bytes()) for p in ingress_files)
         secrets = self._secrets()
         plain = {name: getattr(secrets, name).get_secret_value() for name in type(secrets).model_fields}
-        extra = {k: (v.get_secret_value() if hasattr(v, "get_secret_value") else str(v)) for k, v in (secrets.__pydantic_extra__ or {}).items()}
+        extra = secrets.extras()
         client_ids = [extra["lti_client_id"]] if extra.get("lti_client_id") else None
         secret_layer = secrets_layer(spec, plain, lti_client_ids=client_ids)
         chart, _, version = chart_source(self.site)

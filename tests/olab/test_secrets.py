@@ -33,7 +33,7 @@ def test_secrets_init_writes_once_and_prints_no_value(tmp_path, capsys, monkeypa
         out = capsys.readouterr().out
         assert "wrote the hub's secrets of site physics" in out and "secret/olab/physics, version 1" in out
         stored = read_hub_secrets(vault_access(load_site(str(path)).config.vault))
-        assert stored.__pydantic_extra__["lti_client_id"].get_secret_value() == "10000000000042"
+        assert stored.extra_value("lti_client_id") == "10000000000042"
         for value in stored.values():
             assert value not in out
 

@@ -75,7 +75,7 @@ def one_line(exc: BaseException) -> str:
 
 def hub_values(secrets: HubSecrets) -> dict[str, str]:
     plain = {k: v.get_secret_value() for k, v in secrets.__dict__.items()}
-    plain.update({k: v.get_secret_value() for k, v in (secrets.__pydantic_extra__ or {}).items()})
+    plain.update(secrets.extras())
     return plain
 
 
@@ -119,7 +119,7 @@ def test_init_writes_kv_v2_once_and_reads_back_into_hub_secrets(bao, monkeypatch
     secrets = read_hub_secrets(access)
     assert isinstance(secrets, HubSecrets)
     assert hub_values(secrets) == stored["data"]
-    assert secrets.__pydantic_extra__["lti_shared_secret"].get_secret_value() == extra["lti_shared_secret"].get_secret_value()
+    assert secrets.extra_value("lti_shared_secret") == extra["lti_shared_secret"].get_secret_value()
     # Every value read is masked by the command runner from now on, extras too.
     for value in stored["data"].values():
         assert mask(f"x {value} y") == "x **** y"
