@@ -21,8 +21,6 @@ kubeconfig, Helm's release facts and provisioning.
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextvars
 import re
 from datetime import UTC, datetime
 
@@ -32,6 +30,7 @@ from core.logs import task_logger
 from core.models import DataFacts, HubState, ImageRef, InfraPlan, PlannedStep, RestorePointSummary, UserRestore
 from core.planning import Refused, by_zone, claims_to_restore, disks_to_snapshot, hours_off, shutdown_savings
 from core.restore_points import RestorePoint, TeardownMark, plan_prune
+from core.threads import parallel
 from core.state import load_state, update_state
 from tasks.gcs import RestorePointStore, storage_client
 
@@ -44,15 +43,6 @@ def _gib(size: str) -> int:
     if not match:
         return 0
     return int(match.group(1)) * {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}[match.group(2)]
-
-
-def _in_parallel(*steps):
-    """Run independent steps at once (each in a copy of this context, so Prefect's logger
-    follows); the first error is raised once all have ended."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(steps)) as pool:
-        futures = [pool.submit(contextvars.copy_context().run, step) for step in steps]
-        concurrent.futures.wait(futures)
-    return [f.result() for f in futures]
 
 
 class GkeShutdown:
@@ -198,7 +188,7 @@ class GkeShutdown:
                 )
 
             zones = by_zone(disks)
-            for infos in _in_parallel(*(zone_step(z, g) for z, g in zones.items())) if zones else []:
+            for infos in parallel([zone_step(z, g) for z, g in zones.items()]):
                 for info in infos:
                     recorded[claim_of[(info.zone, info.source_disk)]] = info.model_dump(mode="json")
         return recorded
@@ -313,7 +303,7 @@ class GkeShutdown:
         manifest = self._store().read_manifest(point_id)
         if manifest.get("mode") == "destroy":
             wanted = claims_to_restore(manifest)
-            _in_parallel(self._provision_again, lambda: self._disks_from_snapshots(manifest, wanted))
+            parallel([self._provision_again, lambda: self._disks_from_snapshots(manifest, wanted)])
             self._bind_claims(manifest, wanted)
         else:
             for pool in ("core", "user"):

@@ -16,7 +16,6 @@ import os
 import shutil
 import stat
 import tempfile
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from core.restore_points import (
 )
 from core.sealing import RestoreKey, SealBroken, StreamCipher
 from core.tarball import Member
+from core.threads import parallel
 
 
 class BackupError(RuntimeError):
@@ -341,17 +341,6 @@ def check_writable(location: Path, needed_bytes: int) -> None:
             f"backup location {location} has {free / 2**20:.1f} MiB free; the restore point needs about "
             f"{(needed_bytes + margin) / 2**20:.1f} MiB"
         )
-
-
-def parallel(jobs, workers: int, on_progress=None):
-    """Run callables on a thread pool (hashing and file I/O release the GIL);
-    progress(done, total) is called as each one finishes."""
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = [pool.submit(job) for job in jobs]
-        if on_progress is not None:
-            for done, _ in enumerate(as_completed(futures), 1):
-                on_progress(done, len(futures))
-        return [future.result() for future in futures]
 
 
 @task(name="write-restore-point", cache_policy=NO_CACHE)

@@ -24,7 +24,8 @@ from core.models import Check, DataFacts
 from core.restore_points import HUB_PATHS
 from core.runner import ToolMissing
 from core.secrets import SecretStore
-from tasks.backup import flush_filesystem, parallel, scan
+from core.threads import parallel
+from tasks.backup import flush_filesystem, scan
 from tasks.local_hub import port_in_use, proxy_command, running_process
 from tasks.oci import engine_for, insecure_registries, resolve_builder
 from tasks.python_env import uv_binary
