@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
@@ -10,6 +13,8 @@ from core.models import FlowPlan, HealthReport, PlannedStep
 from core.planning import Refused
 from core.platform import Platform, TargetNotReady
 from targets import platform_for
+
+R = TypeVar("R")
 
 
 def open_site(ref: str, flow: str) -> tuple[Site, Platform]:
@@ -55,3 +60,30 @@ def health_markdown(report: HealthReport | None) -> list[str]:
     lines = ["| check | ok | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {c.name} | {'yes' if c.ok else 'NO'} | {c.seconds:.1f} | {c.detail} |" for c in report.checks]
     return lines
+
+
+def subflow(flow: Callable[..., R], **parameters) -> R:
+    """Run a lifecycle flow as a subflow of the current flow run, without a heartbeat of its own.
+
+    Why: Prefect 3.9 gives every synchronous flow run, subflows included, a heartbeat
+    thread that sleeps in 1 s steps and is joined when the run ends
+    (``prefect/flow_engine.py``, ``_send_heartbeats``): each run ends up to 1 s after
+    its work, whatever PREFECT_FLOWS_HEARTBEAT_FREQUENCY is. A subflow runs in its
+    parent's thread and process, and the parent's heartbeat thread keeps beating all
+    the while, so the child's own adds no crash detection: if the process dies, the
+    parent's heartbeats stop and olab's automation (``olab/crash_detection.py``: it
+    fires only *after* a run's heartbeat, so a run that never sent one is never
+    marked) sets the parent Crashed; the child, left Running, is marked Crashed by the
+    next flow on the site (``core.guard``). A top-level run (``olab build``, a
+    deployment run) keeps its heartbeat: only the child's settings change, in a
+    settings context that lives as long as the call (the parent's heartbeat thread
+    copied its own context when it started).
+    """
+    from prefect.context import SettingsContext, get_settings_context
+
+    current = get_settings_context()
+    settings = current.settings
+    # model_copy, not temporary_settings: the same settings without re-validating all of them (~40 ms).
+    quiet = settings.model_copy(update={"flows": settings.flows.model_copy(update={"heartbeat_frequency": None})})
+    with SettingsContext(profile=current.profile, settings=quiet):
+        return flow(**parameters)

@@ -19,7 +19,7 @@ from core.models import BuildResult, FlowPlan, ImageRef, PlannedStep, RegistryAc
 from core.planning import image_tag, plan_build
 from core.platform import Platform
 from core.state import update_state
-from flows._common import open_site, publish, publish_plan
+from flows._common import open_site, publish, publish_plan, subflow
 from tasks.oci import (
     build_and_push,
     containerfile_base,
@@ -131,6 +131,24 @@ def _build_oci(site: Site, platform: Platform, builder: str) -> BuildResult:
     digest, seconds = build_and_push(engine, site.image_context, repository, tag, base, access.login)
     platform.image_pushed(repository, digest)
     return BuildResult(image=_image(site, builder, access, tag, digest), built=True, seconds=seconds)
+
+
+def image_for(site: str, the_site: Site, platform: Platform) -> tuple[ImageRef, str]:
+    """The site's image for a flow that needs one (release, test-notebooks), and how it came:
+    when its plan says the image exists (inputs unchanged), it is reused as is, with no
+    build-image run; otherwise build-image runs as a subflow. Same image either way, recorded
+    in the site's state; the caller's run log (and release's artifact) says which it was.
+
+    A build-image run costs about 1 s even when it builds nothing (its flow run, its
+    artifact, Prefect's heartbeat join): the price of every unchanged release and test.
+    """
+    planned = plan_image(the_site, platform)
+    if planned.existing is None:
+        return subflow(build_image, site=site), "from build-image"
+    step = planned.steps[-1]
+    get_run_logger().info("image %s unchanged (%s): reused, no build-image run", planned.existing.pinned, step.detail)
+    update_state(the_site, image=planned.existing)
+    return planned.existing, f"unchanged, reused ({step.detail}; no build-image run)"
 
 
 @flow(name="build-image")

@@ -7,8 +7,8 @@ from prefect import flow
 from core.guard import site_guard
 from core.models import FlowPlan, PlannedStep, ReleaseResult
 from core.planning import hub_spec
-from flows._common import health_markdown, open_site, publish, publish_plan
-from flows.build_image import build_image, plan_image
+from flows._common import health_markdown, open_site, publish, publish_plan, subflow
+from flows.build_image import image_for, plan_image
 from flows.deploy_hub import check_hub, deploy_hub
 from flows.test_notebooks import lab_steps, plan_lab_run, test_notebooks
 from tasks.notebooks import discover_labs
@@ -36,9 +36,11 @@ def release(site: str = "local", dry_run: bool = False) -> ReleaseResult | FlowP
                 steps.append(PlannedStep(verb=verb, subject=f"the hub at {hub.url}", detail=hub.reason))
             steps.append(PlannedStep(verb="check", subject="the hub's health"))
             return publish_plan(the_site, "release", steps)
-        image = build_image(site=site)
-        labs = test_notebooks(site=site, image=image)
-        hub = deploy_hub(site=site, image=image, check=False)
+        # Subflows only where there is work, and without heartbeats of their own (this run's
+        # heartbeat covers them: flows/_common.py, subflow).
+        image, image_source = image_for(site, the_site, platform)
+        labs = subflow(test_notebooks, site=site, image=image)
+        hub = subflow(deploy_hub, site=site, image=image, check=False)
         health = check_hub(the_site, platform)
         publish(
             the_site,
@@ -46,7 +48,7 @@ def release(site: str = "local", dry_run: bool = False) -> ReleaseResult | FlowP
             [
                 f"# release: {the_site.name}",
                 "",
-                f"- image `{image.pinned}`",
+                f"- image `{image.pinned}`: {image_source}",
                 f"- labs: {len(labs.results)} passed ({sum(r.cached for r in labs.results)} unchanged, not rerun)",
                 f"- hub: {hub.url} ({hub.action})",
                 "",

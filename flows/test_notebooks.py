@@ -16,7 +16,7 @@ from core.guard import site_guard
 from core.models import FlowPlan, ImageRef, LabReport, LabResult, LabSource, PlannedStep
 from core.planning import lab_cache_key, plan_labs
 from flows._common import artifact_key, open_site, publish_plan
-from flows.build_image import build_image, plan_image
+from flows.build_image import image_for, plan_image
 from tasks.oci import engine_for
 from tasks.notebooks import cached_result, discover_labs, run_lab, stage_lab, store_result
 
@@ -74,7 +74,7 @@ def test_notebooks(
             sources, _, plan = plan_lab_run(the_site, image, labs)
             return publish_plan(the_site, "test-notebooks", steps + lab_steps(image, sources, plan.reused))
         if image is None:
-            image = build_image(site=site)
+            image, _ = image_for(site, the_site, platform)
         settings = the_site.config.labs
         cache = the_site.paths.lab_cache
         sources, keys, plan = plan_lab_run(the_site, image, labs)
