@@ -134,8 +134,9 @@ def test_missing_builder_says_what_to_install(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def user_image(tmp_path_factory, registry_address):
-    """The real olab-user image, built once for this module."""
+def user_image(tmp_path_factory, registry_address, prefect_server):
+    """The real olab-user image, built once for this module (on the shared Prefect test
+    server: module fixtures run before the per-test one that starts it)."""
     from tests.conftest import SiteFactory
 
     factory = SiteFactory(tmp_path_factory.mktemp("oci-user"))
@@ -152,6 +153,23 @@ def test_labs_run_inside_the_image(user_image, make_site, broken_labs, registry_
         run_labs(site=str(broken), image=image)
     bad = {r.lab: r for r in info.value.report.results}["bad_pendulum"]
     assert bad.failing_cell == 3 and "AssertionError" in bad.error
+
+
+def test_root_imports_inside_the_image(user_image):
+    """PyPI's ROOT wheel (a pre-release) works in the image: `import ROOT` starts its C++
+    interpreter, which needs the g++ the Containerfile installs, and the version installed
+    is the one the lock pins."""
+    path, image = user_image
+    site = load_site(str(path))
+    engine = engine_for("buildah", site.paths.containers, [])
+    engine.ensure_local(image.pinned, registry_login(site.paths.containers))
+    probe = "import importlib.metadata as m, ROOT; print(m.version('root'), ROOT.gROOT.GetVersion())"
+    out = run(engine.run_prefix([]) + [image.pinned, "python", "-W", "ignore", "-c", probe], env=engine.env).output
+    wheel, version = out.strip().splitlines()[-1].split()
+    lock = (site.image_context / "requirements.lock").read_text()
+    assert f"\nroot=={wheel} " in lock, f"root {wheel} in the image is not the lock's"
+    major, minor, _ = version.split(".")
+    assert (int(major), int(minor)) >= (6, 30), version
 
 
 def test_hub_spawns_a_container_of_the_digest(user_image, stop_hubs):
