@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -121,9 +120,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--builds", type=int, default=5)
     args = parser.parse_args()
-    missing = [t for t in NEEDED if not shutil.which(t)]
-    if missing:
-        print(f"[bench] skipped: {', '.join(missing)} not installed (run ./setup.sh as root)")
+    if benchlib.tools_missing(NEEDED):
         return 0
     logging.getLogger("prefect").setLevel(logging.WARNING)
 

@@ -53,6 +53,14 @@ atexit.register(_cleanup)
 import yaml  # noqa: E402
 
 
+def tools_missing(needed) -> bool:
+    """True (and says so) when a tool the benchmark needs is not installed: it is skipped."""
+    missing = [t for t in needed if not shutil.which(t)]
+    if missing:
+        print(f"[bench] skipped: {', '.join(missing)} not installed (run ./setup.sh as root)")
+    return bool(missing)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
