@@ -325,17 +325,7 @@ def stop_everyone(url: str, token: str, names: list[str], limit: float = 600) ->
 
 def machine_busy() -> dict:
     """What else ran: the load average and other test or benchmark processes."""
-    others = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if ("pytest" in cmd or "bench_" in cmd) and "bench_class" not in cmd:
-            others.append(cmd[:120])
-    return {"loadavg": os.getloadavg(), "other_test_processes": len(others)}
+    return {"loadavg": os.getloadavg(), "other_test_processes": len(benchlib.others_busy("bench_class"))}
 
 
 def one_class(variant: str, round_no: int, image, args, lab: str) -> dict:

@@ -439,21 +439,6 @@ def summary(values: list[float]) -> dict:
     return {"median": round(median(values), 4), "min": round(min(values), 4), "max": round(max(values), 4), "n": len(values)}
 
 
-def others_busy() -> list[str]:
-    """Other test suites or benchmarks running now (a shared machine): their pids and commands."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "pytest" in cmdline or ("bench/bench_" in cmdline and str(Path(__file__).name) not in cmdline):
-            found.append(f"{proc.name} {cmdline[:100]}")
-    return found
-
-
 def children() -> list[tuple[int, str, str]]:
     """(pid, name, state) of every process whose parent is this one."""
     me = str(os.getpid())
@@ -546,7 +531,7 @@ def main() -> int:
         for i in range(args.rounds):
             order = KINDS[i % len(KINDS):] + KINDS[: i % len(KINDS)]
             loads.append(os.getloadavg())
-            if busy := others_busy():
+            if busy := benchlib.others_busy(Path(__file__).name):
                 others[i + 1] = busy
                 print(f"[bench] round {i + 1}: other test suites or benchmarks are running: {busy}", flush=True)
             line = []

@@ -189,6 +189,28 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
+def processes():
+    """(pid, command line, working directory or None) of every other process on the machine."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        try:
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            cwd = None
+        yield int(proc.name), cmdline, cwd
+
+
+def others_busy(own_script: str) -> list[str]:
+    """Other test suites or benchmarks running now (a shared machine): their pids and commands."""
+    return [f"{pid} {cmd[:100]}" for pid, cmd, _ in processes()
+            if "pytest" in cmd or ("bench_" in cmd and own_script not in cmd)]
+
+
 def pids_under(folder: Path) -> list[int]:
     """Pids of processes whose command line names ``folder`` or whose working directory is in it.
 
@@ -196,18 +218,8 @@ def pids_under(folder: Path) -> list[int]:
     names its config there, and user servers run in homes there.
     """
     needle = str(folder)
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(proc / "cwd")
-        except OSError:
-            continue
-        if needle in cmdline or cwd == needle or cwd.startswith(needle + os.sep):
-            found.append(int(proc.name))
-    return found
+    return [pid for pid, cmdline, cwd in processes()
+            if cwd is not None and (needle in cmdline or cwd == needle or cwd.startswith(needle + os.sep))]
 
 
 def stop_site_hub(site_path: Path, known_pid: int | None = None) -> list[int]:
