@@ -26,7 +26,6 @@ from flows.stop_hub import stop_hub
 from tasks.oci import engine_for
 from tests.conftest import hub_pid
 from tests.tasks.test_oci import _browser, _form, missing
-from tests.tasks.test_oci import registry_address, user_image  # noqa: F401  (fixtures: the real image)
 
 pytestmark = [
     pytest.mark.slow,

@@ -13,7 +13,6 @@ import json
 import os
 import pwd
 import signal
-import shutil
 import stat
 from pathlib import Path
 
@@ -32,33 +31,17 @@ from core.planning import lock_header
 from core.runner import ToolMissing, pid_alive, run
 from core.secrets import SecretStore
 from tasks.local_hub import port_in_use
-from tasks.oci import engine_for, resolve_builder, stop_api_socket
-from tasks.local_registry import registry_login, stop_local_registry
+from tasks.oci import engine_for, resolve_builder
+from tasks.local_registry import registry_login
 from tasks.registry import Registry
-from tests.conftest import free_port, hub_pid
+from tests.conftest import hub_pid
 
 from tests.conftest import REPO  # noqa: E402
-NEEDED = ("buildah", "podman", "runc", "docker-registry", "debootstrap")
-missing = [tool for tool in NEEDED if not shutil.which(tool)]
+from tests.tasks.conftest import missing, oci_site
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed: run ./setup.sh as root"),
 ]
-
-
-@pytest.fixture(scope="module")
-def registry_address():
-    address = f"127.0.0.1:{free_port()}"
-    yield address
-    store = olab_home() / "containers"
-    stop_local_registry(store)
-    stop_api_socket(store)
-
-
-def oci_site(make_site, name, registry, **sections):
-    image = {"builder": "buildah", "base_image": "debootstrap:bookworm", "registry": registry}
-    image.update(sections.pop("image", {}))
-    return make_site(name, image=image, **sections)
 
 
 def small_context(folder: Path, marker: str) -> Path:
@@ -131,17 +114,6 @@ def test_missing_builder_says_what_to_install(monkeypatch, tmp_path):
     with pytest.raises(ToolMissing, match="apt-get install buildah podman"):
         resolve_builder("buildah")
     assert resolve_builder("auto") == "venv"
-
-
-@pytest.fixture(scope="module")
-def user_image(tmp_path_factory, registry_address, prefect_server):
-    """The real olab-user image, built once for this module (on the shared Prefect test
-    server: module fixtures run before the per-test one that starts it)."""
-    from tests.conftest import SiteFactory
-
-    factory = SiteFactory(tmp_path_factory.mktemp("oci-user"))
-    path = oci_site(factory, "ociuser", registry_address)
-    return path, build_image(site=str(path))
 
 
 def test_labs_run_inside_the_image(user_image, make_site, broken_labs, registry_address):
