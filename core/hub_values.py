@@ -21,6 +21,7 @@ import json
 
 import copy
 import difflib
+import hashlib
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -102,11 +103,20 @@ def chart_source(site: Site) -> tuple[str, str, str]:
     return Z2JH_CHART, gke.chart_repository, gke.chart_version
 
 
-def z2jh_values(site: Site, spec: HubSpec, *, lti: LtiPlatform | None = None, base: Mapping | None = None) -> dict:
+def z2jh_values(
+    site: Site,
+    spec: HubSpec,
+    *,
+    lti: LtiPlatform | None = None,
+    base: Mapping | None = None,
+    notebooks: Mapping[str, str] | None = None,
+) -> dict:
     """The site layer of the Zero-to-JupyterHub values: what the site and its HubSpec ask for.
 
     ``lti``: the platform's endpoints when ``spec.authenticator`` is ``lti`` (default: the
     site file's hub.lti).
+    ``notebooks``: the labs every student gets, file name -> .ipynb text (the lab index
+    included); see :func:`labs_delivery`.
     ``base``: the layers below this one, read (never changed) so that a site's smaller
     limit also lowers a base guarantee: Kubernetes refuses a pod that requests more than
     its limit. No secrets here: those are :func:`secrets_layer`'s.
@@ -146,6 +156,8 @@ def z2jh_values(site: Site, spec: HubSpec, *, lti: LtiPlatform | None = None, ba
         "startTimeout": spec.start_timeout_seconds,
         "extraEnv": {"OLAB_SITE": site.name},
     }
+    if notebooks:
+        singleuser.update(labs_delivery(notebooks))
     below = base or {}
     if spec.limits.memory:
         memory: dict[str, Any] = {"limit": spec.limits.memory}
@@ -183,6 +195,49 @@ def z2jh_values(site: Site, spec: HubSpec, *, lti: LtiPlatform | None = None, ba
         },
         "singleuser": singleuser,
         "cull": cull,
+    }
+
+
+# Where the labs sit, read-only, in every student's pod (from the chart's singleuser Secret).
+LABS_MOUNT = "/srv/olab/labs"
+LAB_INDEX = "index.ipynb"
+# Helm keeps a release's values in one Secret and Kubernetes caps a Secret at 1 MiB; the
+# chart's singleuser Secret holds the labs again. What is left for notebooks, with room for
+# the rest of the values.
+LABS_MAX_BYTES = 700_000
+_SECRET_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+
+
+def labs_delivery(notebooks: Mapping[str, str]) -> dict:
+    """How a gke site's labs reach each student (singleuser values, pure): each notebook is a
+    file of the chart's singleuser Secret mounted under LABS_MOUNT, and when a server starts
+    its postStart hook copies the ones the student lacks into ~/labs, as the local target's
+    hub does: a student's copy is never overwritten, the lab index always is (it is olab's
+    page, not student work). Raises ValueError (one line) for a name Kubernetes cannot key
+    or labs too large to travel in a Helm release."""
+    bad = sorted(name for name in notebooks if not _SECRET_KEY.match(name) or not name.endswith(".ipynb"))
+    if bad:
+        raise ValueError(
+            f"labs: {', '.join(bad)}: a gke site's lab file names may use only letters, digits, '-', '_' and '.'"
+        )
+    size = sum(len(text.encode()) for text in notebooks.values())
+    if size > LABS_MAX_BYTES:
+        raise ValueError(
+            f"labs: {size:,} bytes of notebooks; a gke site's labs travel in its Helm release, which "
+            f"Kubernetes caps at 1 MiB: keep them under {LABS_MAX_BYTES:,} bytes (no outputs, no embedded images)"
+        )
+    files = {
+        f"lab-{name}": {"mountPath": f"{LABS_MOUNT}/{name}", "stringData": text, "mode": 0o644}
+        for name, text in sorted(notebooks.items())
+    }
+    copy_in = (
+        'mkdir -p "$HOME/labs" && for f in ' + LABS_MOUNT + '/*.ipynb; do n="${f##*/}"; '
+        f'if [ "$n" = {LAB_INDEX} ]; then cp --remove-destination "$f" "$HOME/labs/$n"; '
+        'else cp -n "$f" "$HOME/labs/$n"; fi; done'
+    )
+    return {
+        "extraFiles": files,
+        "lifecycleHooks": {"postStart": {"exec": {"command": ["sh", "-c", copy_in]}}},
     }
 
 
@@ -460,6 +515,15 @@ def _leaves(values: Mapping, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _shown(value: Any, longest: int = 120) -> str:
+    """A value as a diff line shows it: a long text (a lab notebook) by its size and digest."""
+    text = json.dumps(value, default=str)
+    if len(text) <= longest:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    return f"<{len(text):,} characters, sha256 {digest}>"
+
+
 def values_diff(old: Mapping, new: Mapping, secret: Mapping, limit: int = 200) -> list[str]:
     """What a deploy changes in a release's values, one line per key path (pure). Paths of
     the secrets layer say only that a secret changed, never its value."""
@@ -472,9 +536,9 @@ def values_diff(old: Mapping, new: Mapping, secret: Mapping, limit: int = 200) -
             what = "added" if path not in before else "removed" if path not in after else "changed"
             lines.append(f"`{path}`: secret {what}")
         elif path not in before:
-            lines.append(f"`{path}`: added `{json.dumps(after[path], default=str)}`")
+            lines.append(f"`{path}`: added `{_shown(after[path])}`")
         elif path not in after:
-            lines.append(f"`{path}`: removed (was `{json.dumps(before[path], default=str)}`)")
+            lines.append(f"`{path}`: removed (was `{_shown(before[path])}`)")
         else:
-            lines.append(f"`{path}`: `{json.dumps(before[path], default=str)}` -> `{json.dumps(after[path], default=str)}`")
+            lines.append(f"`{path}`: `{_shown(before[path])}` -> `{_shown(after[path])}`")
     return lines if len(lines) <= limit else [*lines[:limit], f"... and {len(lines) - limit} more"]

@@ -259,6 +259,13 @@ class GkePlatform(GkeShutdown):
             pull_chart(chart, repo, version, folder, helm=find_helm(self.gke.helm))
         return chart_schema_and_defaults(folder / chart)
 
+    @staticmethod
+    def _notebooks(spec: HubSpec) -> dict[str, str]:
+        """The labs each student gets, as the notebooks they open (they travel in the release)."""
+        from tasks.notebooks import notebook_text
+
+        return {f"{lab.name}.ipynb": notebook_text(lab) for lab in spec.labs}
+
     def _layers(self, spec: HubSpec) -> tuple[dict, dict, dict, str]:
         """(site layer carrying its release hash, secrets layer, ingress layer, release hash), checked
         against the charts' schemas: a typo stops here, before helm or the cluster is touched.
@@ -270,7 +277,7 @@ class GkePlatform(GkeShutdown):
         from tasks.helm import ValuesRejected, base_values_file, chart_schema_and_defaults, ingress_chart, load_layers
 
         base = load_layers([base_values_file(self.site.project)])[0]
-        site_layer = z2jh_values(self.site, spec, base=base)
+        site_layer = z2jh_values(self.site, spec, base=base, notebooks=self._notebooks(spec))
         ingress_layer = ingress_values(self.site, static_ip_name=self._static_ip_name())
         chart_dir = ingress_chart(self.site.project)
         ingress_files = sorted(p for p in chart_dir.rglob("*") if p.is_file())

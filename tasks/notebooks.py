@@ -69,6 +69,17 @@ def stage_lab(lab: LabSource, dest: Path) -> Path:
     return out
 
 
+def notebook_text(lab: LabSource) -> str:
+    """The lab as .ipynb text (what kernels and Voilà read), from its MyST or notebook file;
+    the same text for the same file (cell ids by position, where jupytext draws random ones),
+    so an unchanged lab is an unchanged release."""
+    notebook = jupytext.read(lab.path) if lab.path.suffix == ".md" else nbformat.read(lab.path, as_version=4)
+    if lab.path.suffix == ".md":
+        for number, cell in enumerate(notebook.cells, 1):
+            cell["id"] = f"cell-{number}"
+    return nbformat.writes(notebook)
+
+
 def labrunner_script() -> Path:
     return Path(str(resources.files("core").joinpath("labrunner.py")))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import hcl2
@@ -15,16 +16,20 @@ import yaml
 from core.config import parse_site
 from core.hub_values import (
     INGRESS_NAME,
+    LABS_MAX_BYTES,
+    LABS_MOUNT,
     LTI13_CLASS,
     PROXY_SERVICE,
     Z2JH_REPOSITORY,
     LtiPlatform,
     chart_source,
     ingress_values,
+    labs_delivery,
     merge_values,
     schema_problems,
     secrets_layer,
     validate_values,
+    values_diff,
     with_defaults,
     z2jh_values,
 )
@@ -284,6 +289,65 @@ def test_the_layered_values_of_a_gke_site_are_valid(tmp_path):
     site = gke_site(tmp_path, memory_limit="1G")
     spec = hub_spec(site, oci_image(site), [])
     assert validate_values(merge_values(*layers(site, spec)), chart_schema(), chart_defaults()) == []
+
+
+NOTEBOOKS = {"lorenz.ipynb": '{"cells": ["lorenz v2"]}', "index.ipynb": '{"cells": ["index v2"]}'}
+
+
+def test_the_labs_travel_with_the_release_and_the_values_stay_valid(tmp_path):
+    site = gke_site(tmp_path)
+    spec = hub_spec(site, oci_image(site), [])
+    base = base_layer()
+    site_layer = z2jh_values(site, spec, lti=LTI, base=base, notebooks=NOTEBOOKS)
+    files = site_layer["singleuser"]["extraFiles"]
+    assert {f["mountPath"]: f["stringData"] for f in files.values()} == {
+        f"{LABS_MOUNT}/{name}": text for name, text in NOTEBOOKS.items()
+    }
+    assert all(f["mode"] == 0o644 for f in files.values()), "a student's copy must be writable"
+    merged = merge_values(base, site_layer, secrets_layer(spec, plain_secrets(), lti_client_ids=CLIENT_IDS))
+    assert validate_values(merged, chart_schema(), chart_defaults()) == []
+
+
+def test_a_student_keeps_their_labs_and_gets_new_ones_and_the_fresh_index(tmp_path):
+    """The postStart hook's own command, run by sh here with the mount replaced by a folder:
+    what a pod does when a server starts."""
+    mount, home = tmp_path / "mount", tmp_path / "home"
+    mount.mkdir()
+    for name, text in {**NOTEBOOKS, "pendulum.ipynb": "pendulum"}.items():
+        (mount / name).write_text(text)
+    (home / "labs").mkdir(parents=True)
+    (home / "labs" / "lorenz.ipynb").write_text("the student's edited lorenz")
+    (home / "labs" / "index.ipynb").write_text("last term's index")
+    (home / "mine.ipynb").write_text("the student's own notebook")
+    (home / "labs" / "pendulum.ipynb").symlink_to(home / "mine.ipynb")  # a student's link: left alone
+    command = labs_delivery(NOTEBOOKS | {"pendulum.ipynb": "pendulum"})["lifecycleHooks"]["postStart"]["exec"]["command"]
+    script = command[2].replace(LABS_MOUNT, str(mount))
+    for _ in range(2):  # every start
+        subprocess.run([command[0], command[1], script], env={"HOME": str(home), "PATH": os.environ["PATH"]}, check=True)
+        assert (home / "labs" / "lorenz.ipynb").read_text() == "the student's edited lorenz"
+        assert (home / "labs" / "index.ipynb").read_text() == NOTEBOOKS["index.ipynb"]
+        assert (home / "mine.ipynb").read_text() == "the student's own notebook"
+    (home / "labs" / "index.ipynb").unlink()
+    (home / "labs" / "index.ipynb").symlink_to(home / "mine.ipynb")  # the index replaced, not written through
+    subprocess.run([command[0], command[1], script], env={"HOME": str(home), "PATH": os.environ["PATH"]}, check=True)
+    assert (home / "mine.ipynb").read_text() == "the student's own notebook"
+    assert not (home / "labs" / "index.ipynb").is_symlink()
+
+
+def test_lab_names_kubernetes_cannot_key_and_labs_too_large_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"my lab\.ipynb: a gke site's lab file names") as info:
+        labs_delivery({"my lab.ipynb": "{}"})
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="travel in its Helm release") as info:
+        labs_delivery({"big.ipynb": "x" * (LABS_MAX_BYTES + 1)})
+    assert "\n" not in str(info.value)
+
+
+def test_a_changed_lab_shows_in_the_diff_by_size_and_digest_not_its_text():
+    old = {"singleuser": {"extraFiles": {"lab-lorenz.ipynb": {"stringData": "a" * 5000}}}}
+    new = {"singleuser": {"extraFiles": {"lab-lorenz.ipynb": {"stringData": "b" * 5000}}}}
+    (line,) = values_diff(old, new, {})
+    assert "aaaa" not in line and "5,002 characters" in line and len(line) < 200
 
 
 def test_a_misspelt_key_is_named_with_its_path_and_a_suggestion(tmp_path):

@@ -269,6 +269,10 @@ def test_first_deploy_installs_both_releases_with_the_secrets_in_a_private_file_
     assert given["hub"]["config"]["LTI13Authenticator"]["client_id"] == [lab.vault["lti_client_id"]]
     assert given["hub"]["services"]["olab"]["apiToken"] == lab.vault["api_token"]
     assert lab.values("olab-ingress")["domains"] == ["olab.example.org"]
+    # Every lab travels in the release, mounted read-only for the start hook to copy into ~/labs.
+    mounted = {f["mountPath"].rsplit("/", 1)[-1] for f in given["singleuser"]["extraFiles"].values()}
+    assert {f"{p.stem}.ipynb" for p in (REPO / "labs").glob("*.md") if p.name != "README.md"} <= mounted
+    assert "postStart" in given["singleuser"]["lifecycleHooks"]
 
     # The health check ran against the hub, authenticated with Vault's token (the fake hub
     # answers 403 to any other: the check would have failed).
