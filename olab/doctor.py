@@ -47,7 +47,25 @@ def diagnose(site: Site) -> tuple[list[str], bool]:
         except ToolMissing as exc:
             lines.append(f"  {name:16} MISSING: {exc}")
             ok = False
+    ok = _compiler(site, builder if ok else None, lines) and ok
     registry = site.config.image.registry
     answers = Registry(registry, insecure=site.config.image.local_registry).answers()
     lines.append(f"registry {registry}: " + ("answers" if answers else "not running" + (" (olab starts it on build)" if site.config.image.local_registry else "")))
     return lines, ok
+
+
+def _compiler(site: Site, builder: str | None, lines: list[str]) -> bool:
+    """ROOT's interpreter (cling) asks the C++ compiler for the standard headers when `import
+    ROOT` starts it: an image brings its own g++, a venv environment uses this machine's."""
+    found = shutil.which("c++")
+    lock = site.image_context / "requirements.lock"
+    wants_root = lock.is_file() and "\nroot==" in lock.read_text(errors="replace")
+    if found or not wants_root:
+        lines.append(f"  {'c++':16} {found or 'not installed (no lab needs it: the lock has no ROOT)'}")
+        return True
+    if builder == "venv":
+        lines.append(f"  {'c++':16} MISSING: the lock pins ROOT, whose `import ROOT` needs a C++ compiler "
+                     "in a venv environment: apt-get install g++")
+        return False
+    lines.append(f"  {'c++':16} not installed (images bring their own g++ for ROOT)")
+    return True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,24 @@ def test_lock_regenerates_a_lock_that_build_image_accepts(make_site, tmp_path, c
     (context / REQUIREMENTS_IN).write_text("six==1.16.0\nattrs\n")
     with pytest.raises(Exception, match="regenerate it with `olab lock`"):
         check_lock((context / REQUIREMENTS_IN).read_bytes(), lock, context / REQUIREMENTS_LOCK)
+
+
+def test_doctor_asks_for_a_compiler_where_a_venv_environment_needs_one_for_root(make_site, capsys, monkeypatch, tmp_path):
+    """The image lock pins ROOT, whose interpreter needs c++: a venv site on a machine without
+    one is told to install g++; an image site is not (the image has its own)."""
+    venv = str(make_site("docv", image={"builder": "venv"}))
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for tool in ("uv", "configurable-http-proxy"):  # found, so only the compiler is missing
+        found = shutil.which(tool)
+        if found:
+            (tools / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(tools))
+    assert main(["doctor", "--site", venv]) == 1
+    assert "c++              MISSING: the lock pins ROOT" in capsys.readouterr().out
+    (tools / "c++").symlink_to("/bin/true")
+    main(["doctor", "--site", venv])
+    assert re.search(r"^  c\+\+ +\S+/c\+\+$", capsys.readouterr().out, re.M)
 
 
 def test_doctor_names_the_builder_or_what_to_install(make_site, capsys, monkeypatch, tmp_path):
