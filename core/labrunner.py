@@ -9,8 +9,15 @@ every user environment carries. Its last stdout line is the JSON result.
 
 import argparse
 import json
+import re
 import sys
 import time
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# A traceback tells the author where their cell went wrong in its last frames; a lab that
+# fails deep inside scipy should not fill the CLI or the artifact with hundreds of lines.
+TRACEBACK_FRAMES = 3
+TRACEBACK_CHARS = 4000
 
 
 def _first_line(source):
@@ -19,6 +26,22 @@ def _first_line(source):
         if line and not line.startswith("#"):
             return line[:80]
     return ""
+
+
+def _traceback(cell, fallback):
+    """The failing cell's traceback without ANSI colours: IPython's header dropped, the last
+    frames and the exception line kept, at most TRACEBACK_CHARS (its tail)."""
+    parts = next((out.get("traceback") for out in cell.get("outputs", []) if out.get("output_type") == "error"), None)
+    parts = [ANSI.sub("", part).rstrip() for part in (parts or fallback.splitlines())]
+    parts = [p for p in parts if p and set(p) != {"-"} and not p.endswith("Traceback (most recent call last)")]
+    if not parts:
+        return None
+    frames, last = parts[:-1], parts[-1]
+    kept = frames[-TRACEBACK_FRAMES:]
+    if len(frames) > len(kept):
+        kept.insert(0, f"... {len(frames) - len(kept)} earlier frames")
+    text = "\n".join([*kept, last])
+    return text if len(text) <= TRACEBACK_CHARS else "...\n" + text[-TRACEBACK_CHARS:].split("\n", 1)[-1]
 
 
 def main(argv=None):
@@ -47,11 +70,14 @@ def main(argv=None):
         on_cell_start=on_cell_start,
         resources={"metadata": {"path": "."}},
     )
-    result = {"lab": args.name, "status": "passed", "failing_cell": None, "cell_excerpt": None, "error": None}
+    result = {"lab": args.name, "status": "passed", "failing_cell": None, "cell_excerpt": None, "error": None,
+              "traceback": None}
     try:
         client.execute()
     except CellExecutionError as exc:
         result.update(status="failed", error=f"{exc.ename}: {exc.evalue}".strip())
+        if current["index"] is not None:
+            result["traceback"] = _traceback(nb.cells[current["index"]], exc.traceback)
     except CellTimeoutError:
         result.update(status="timeout", error=f"a cell ran longer than {args.timeout}s")
     except DeadKernelError as exc:

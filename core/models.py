@@ -67,6 +67,9 @@ class LabResult(_Result):
     failing_cell: int | None = None
     cell_excerpt: str | None = None
     error: str | None = None
+    # The failing cell's traceback as core/labrunner.py keeps it: no ANSI colours, the last
+    # frames, bounded in length.
+    traceback: str | None = None
     cached: bool = False
 
     @property
@@ -79,6 +82,20 @@ class LabResult(_Result):
         where = f" in cell {self.failing_cell}" if self.failing_cell is not None else ""
         excerpt = f" [{self.cell_excerpt}]" if self.cell_excerpt else ""
         return f"{self.lab}: {self.status}{where}{excerpt}: {self.error}"
+
+    def failure_lines(self) -> list[str]:
+        """What a lab author reads in a terminal: the one-line description, then the
+        traceback indented under it."""
+        return [self.describe(), *(f"    {line}" for line in (self.traceback or "").splitlines())]
+
+    def failure_markdown(self) -> list[str]:
+        where = f"cell {self.failing_cell}" if self.failing_cell is not None else "no cell"
+        lines = [f"### {self.lab}: {self.status} in {where}", ""]
+        if self.cell_excerpt:
+            lines += [f"first line: {_code(self.cell_excerpt)}", ""]
+        body = self.traceback or self.error or ""
+        fence = "`" * max(3, _longest_run(body, "`") + 1)
+        return lines + [fence, body, fence]
 
 
 class LabReport(_Result):
@@ -93,6 +110,47 @@ class LabReport(_Result):
     @property
     def failures(self) -> list[LabResult]:
         return [r for r in self.results if not r.passed]
+
+    def markdown(self, site: str) -> str:
+        """test-notebooks' artifact: a row per lab, then each failure with its traceback."""
+        rows = [
+            f"| {r.lab} | {r.status}{' (cached)' if r.cached else ''} | {r.seconds:.2f} | "
+            + ("" if r.failing_cell is None else f"{r.failing_cell}: {_code(r.cell_excerpt or '')}")
+            + f" | {_cell(r.error or '')} |"
+            for r in self.results
+        ]
+        lines = [
+            f"# test-notebooks: {site}: {'all passed' if self.passed else 'FAILED'}",
+            "",
+            f"image `{self.image.pinned}`, {self.seconds:.1f}s",
+            "",
+            "| lab | status | seconds | failing cell | error |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+        for failure in self.failures:
+            lines += ["", *failure.failure_markdown()]
+        return "\n".join(lines)
+
+
+def _longest_run(text: str, char: str) -> int:
+    longest = run = 0
+    for c in text:
+        run = run + 1 if c == char else 0
+        longest = max(longest, run)
+    return longest
+
+
+def _cell(text: str) -> str:
+    """Text inside one markdown table cell: one line, no column break."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    """Inline code that survives backticks in the text (a cell's first line may hold some)."""
+    ticks = "`" * (_longest_run(text, "`") + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{_cell(text)}{pad}{ticks}"
 
 
 class Check(_Result):

@@ -8,14 +8,13 @@ import time
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from core.guard import site_guard
 from core.models import FlowPlan, ImageRef, LabReport, LabResult, LabSource, PlannedStep
 from core.planning import lab_cache_key, plan_labs
-from flows._common import artifact_key, open_site, publish_plan
+from flows._common import open_site, publish, publish_plan
 from flows.build_image import image_for, plan_image
 from tasks.oci import engine_for
 from tasks.notebooks import cached_result, discover_labs, run_lab, stage_lab, store_result
@@ -115,20 +114,8 @@ def test_notebooks(
         order = {lab.name: i for i, lab in enumerate(sources)}
         results.sort(key=lambda r: order[r.lab])
         report = LabReport(image=image, results=results, seconds=time.monotonic() - started)
-        create_table_artifact(
-            key=artifact_key(the_site, "test-notebooks"),
-            description=f"labs in {image.pinned}: {'all passed' if report.passed else 'FAILED'}",
-            table=[
-                {
-                    "lab": r.lab,
-                    "status": r.status + (" (cached)" if r.cached else ""),
-                    "seconds": round(r.seconds, 2),
-                    "failing cell": "" if r.failing_cell is None else f"{r.failing_cell}: {r.cell_excerpt or ''}",
-                    "error": r.error or "",
-                }
-                for r in results
-            ],
-        )
+        publish(the_site, "test-notebooks", [report.markdown(the_site.name)],
+                f"labs in {image.pinned}: {'all passed' if report.passed else 'FAILED'}")
         if not report.passed:
             raise LabsFailed(report)
         logger.info("all %d labs passed in %.1fs", len(results), report.seconds)

@@ -79,6 +79,8 @@ def _run_flow(name: str, call: Callable[[], object], summary: Callable[[object],
         _err(f"olab {name}: interrupted")
         return 130
     except Exception as exc:  # the flow's own failure, already logged by Prefect
+        for line in _lab_failures(exc):
+            _err(line)
         _err(f"olab {name}: FAILED: {exc}")
         return EXIT_FAILED
     print()
@@ -90,6 +92,16 @@ def _run_flow(name: str, call: Callable[[], object], summary: Callable[[object],
     for line in summary(result):
         print(line)
     return EXIT_OK
+
+
+def _lab_failures(exc: Exception) -> list[str]:
+    """Each failing lab's cell and traceback, printed above the command's one-line reason
+    (test-notebooks fails with them, on its own or inside release)."""
+    from flows.test_notebooks import LabsFailed
+
+    if not isinstance(exc, LabsFailed):
+        return []
+    return [line for failure in exc.report.failures for line in ["", *failure.failure_lines()]] + [""]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -357,6 +369,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_site(site, port=args.port)
 
 
+def cmd_preview(args: argparse.Namespace) -> int:
+    from olab.preview import run_preview
+
+    site = _check_site(args.site, "preview")
+    return run_preview(site, args.site, args.lab)
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "up": (cmd_up, "release: build the image, test the labs, deploy the hub, check it"),
     "build": (cmd_build, "build the user environment (skipped when its inputs are unchanged)"),
@@ -365,6 +384,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "provision": (cmd_provision, "prepare what the hub runs on (local: folders, ports, tools)"),
     "teardown": (cmd_teardown, "stop the site and keep everything in a verified restore point"),
     "restore": (cmd_restore, "bring the site back from its newest complete restore point"),
+    "preview": (cmd_preview, "serve one lab as students will see it (the site's image and Voilà), restaged on each edit, "
+                             "until Ctrl-C"),
     "status": (cmd_status, "what is deployed: image, hub, health, last runs"),
     "stop": (cmd_stop, "stop the hub and user servers, keeping all data"),
     "serve": (cmd_serve, "serve every deployment with its schedules on olab's Prefect server (its UI)"),
@@ -410,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "serve":
             cmd.add_argument("--port", type=int, default=None,
                              help="port on 127.0.0.1 for olab's Prefect server if serve starts it (default 4200, else a free one)")
+        if name == "preview":
+            cmd.add_argument("lab", help="the lab's name: its file in the site's labs folder without .md or .ipynb")
         if name == "server":
             cmd.add_argument("action", choices=["status", "stop"], help="status: url, pid, since, healthy; stop: stop it")
     return parser

@@ -145,5 +145,8 @@ def run_lab(image: ImageRef, lab: LabSource, notebook: Path, cell_timeout: int, 
     except ValueError:
         tail = " | ".join(out.output.strip().splitlines()[-3:])
         result = LabResult(lab=lab.name, status="error", seconds=out.seconds, error=f"lab runner failed: {tail}")
-    (logger.info if result.passed else logger.error)(result.describe())
+    if result.passed:
+        logger.info(result.describe())
+    else:
+        logger.error("\n".join(result.failure_lines()))
     return result
