@@ -133,7 +133,9 @@ def test_root_imports_inside_the_image(user_image):
     is the one the lock pins."""
     path, image = user_image
     site = load_site(str(path))
-    engine = engine_for("buildah", site.paths.containers, [])
+    # The registry olab runs speaks plain HTTP on loopback: the engine must be told, or a
+    # pull (when no test before this one pulled the image) fails "HTTP response to HTTPS client".
+    engine = engine_for("buildah", site.paths.containers, [site.config.image.registry])
     engine.ensure_local(image.pinned, registry_login(site.paths.containers))
     probe = "import importlib.metadata as m, ROOT; print(m.version('root'), ROOT.gROOT.GetVersion())"
     out = run(engine.run_prefix([]) + [image.pinned, "python", "-W", "ignore", "-c", probe], env=engine.env).output
