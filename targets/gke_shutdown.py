@@ -50,6 +50,8 @@ class GkeShutdown:
     gke: GkeSettings
     _points: RestorePointStore | None
     _destroy_plan = None  # tasks.terraform.PlanSummary of cluster = false, once planned
+    _mark: TeardownMark | None = None
+    _mark_known = False  # read_mark's memo (see there)
 
     # ---- where restore points live, what the cluster holds --------------------------------
 
@@ -380,12 +382,20 @@ class GkeShutdown:
         return ImageRef.model_validate(image) if image else None
 
     def read_mark(self) -> TeardownMark | None:
-        return self._store().read_mark()
+        """The bucket's teardown mark, read once until this platform writes or clears it: a
+        flow asks for it at each step (hub state, data facts, the decision) and every ask was
+        a request to Cloud Storage. Sound because a platform lives for one flow run, which
+        holds the site's lock: nothing else writes the mark meanwhile."""
+        if not self._mark_known:
+            self._mark, self._mark_known = self._store().read_mark(), True
+        return self._mark
 
     def write_mark(self, phase: str, point_id: str) -> None:
+        self._mark_known = False
         self._store().write_mark(phase, point_id)
 
     def clear_mark(self) -> None:
+        self._mark_known = False
         self._store().clear_mark()
 
     def shutdown_savings(self) -> list[str]:
