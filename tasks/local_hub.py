@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
+from core import bridges
 from core.config import Site
 from core.files import atomic_write, content_hash, write_json
 from core.hub_values import lti_admin_hook_code
@@ -126,6 +128,10 @@ def render_settings(
             "gateway": gateway,
             "docker_url": f"unix://{docker_socket}",
             "container_prefix": f"olab-{site.name}",
+            # Each student's bridge is chosen by core/bridges.py under a lock for the machine,
+            # its network named and labelled for this store (the hub runs that module's source).
+            "store": str(paths.containers),
+            "bridges_code": inspect.getsource(bridges),
             "userns": {"base": USERNS_BASE, "size": USERNS_SIZE},
             # Who owns a home on the host: the container's jovyan, as the user namespace maps it.
             "home_uid": USERNS_BASE + CONTAINER_UID,

@@ -22,6 +22,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from core import bridges
 from core.files import atomic_write
 from core.logs import task_logger
 from core.models import RegistryLogin
@@ -262,15 +263,22 @@ class Engine:
 
     def remove_leftovers(self, container_prefix: str, site: str) -> list[str]:
         """Students' containers (named ``<prefix>-...``) and their own bridges (labelled with
-        the site) that outlived their hub (a hub killed outright cannot stop them); returns
-        what it removed. A stopped hub has stopped its servers already: usually nothing."""
+        the site and this store: the networks are the machine's, and another olab home may have
+        a site of this name) that outlived their hub (a hub killed outright cannot stop them),
+        and their entries in the machine's ledger of bridges; returns what it removed. A
+        stopped hub has stopped its servers already: usually nothing."""
         listed = self.run([self.runtime, "ps", "-a", "--format", "{{.Names}}"])
         containers = [n for n in listed.split() if n.startswith(f"{container_prefix}-")]
         if containers:
             self.run([self.runtime, "rm", "-f", "-t", "5", *containers], timeout=120)
-        networks = self.run([self.runtime, "network", "ls", "-q", "--filter", f"label=olab-site={site}"]).split()
+        networks = self.run([
+            self.runtime, "network", "ls", "--format", "{{.Name}}",
+            "--filter", f"label={bridges.SITE_LABEL}={site}", "--filter", f"label={bridges.STORE_LABEL}={bridges.store_tag(self.store)}",
+        ]).split()
         if networks:
             self.run([self.runtime, "network", "rm", "-f", *networks], timeout=120)
+        with bridges.held() as ledger:
+            ledger.free_site(str(self.store), site)
         return containers + networks
 
 

@@ -134,32 +134,40 @@ if settings["spawner"] == "docker":
     # their own gateway, and answers nothing without a token; the proxy (on this machine)
     # reaches each server at its container's address. The container runs in a user namespace:
     # its uid 1000 is host uid home_uid, which is no account of this machine.
+    import asyncio
+    import sys
+    import types
+
     from docker.errors import APIError
     from dockerspawner import DockerSpawner
     from traitlets import default
 
+    # core/bridges.py, its source carried by the settings: the spawner and olab's cleanup share
+    # one code and one machine-wide ledger of the students' bridges.
+    bridges = types.ModuleType("olab_bridges")
+    sys.modules[bridges.__name__] = bridges
+    exec(compile(settings["bridges_code"], "core/bridges.py", "exec"), bridges.__dict__)
+
     class OlabDockerSpawner(DockerSpawner):
         @default("network_name")
         def _own_network(self):
-            # The container's own (escaped) name: one bridge per student's server.
-            return self.object_name
+            # One bridge per student's server, named for this olab home too: podman's networks
+            # are the machine's, and another home may have a site and a student of these names.
+            return bridges.network_name(self.object_name, settings["store"])
 
         async def start(self):
-            try:
-                await self.docker(
-                    "create_network", self.network_name, driver="bridge", check_duplicate=True,
-                    options={"isolate": "true"}, labels={"olab-site": settings["site"]},
-                )
-            except APIError as exc:
-                if "already" not in str(exc):  # a server started again keeps its network
-                    raise
+            # Its subnet and interface are chosen under the machine's lock, clear of every
+            # other bridge (a server started again keeps its network).
+            await asyncio.to_thread(
+                bridges.make_student_network, self.client, self.network_name, store=settings["store"], site=settings["site"]
+            )
             return await super().start()
 
         async def stop(self, now=False):
             await super().stop(now=now)
             try:
-                await self.docker("remove_network", self.network_name)
-            except APIError as exc:
+                await asyncio.to_thread(bridges.remove_student_network, self.client, self.network_name)
+            except (APIError, OSError) as exc:
                 self.log.warning("network %s of %s stays: %s", self.network_name, self.user.name, exc)
 
     c.JupyterHub.spawner_class = OlabDockerSpawner

@@ -26,6 +26,7 @@ from flows.deploy_hub import deploy_hub
 from flows.stop_hub import stop_hub
 from flows.test_notebooks import LabsFailed
 from flows.test_notebooks import test_notebooks as run_labs
+from core import bridges
 from core.config import load_site, olab_home
 from core.planning import lock_header
 from core.runner import ToolMissing, pid_alive, run
@@ -196,7 +197,8 @@ def test_hub_spawns_a_container_of_the_digest(user_image, stop_hubs):
     prefix = json.loads((site.paths.hub / "olab-hub.json").read_text())["container_prefix"]
     assert not [n for n in run(["podman", "ps", "-a", "--format", "{{.Names}}"], env=engine.env).output.split()
                 if n.startswith(prefix + "-")]
-    assert not run(["podman", "network", "ls", "-q", "--filter", f"label=olab-site={site.name}"], env=engine.env).output.split()
+    ours = ["--filter", f"label=olab-site={site.name}", "--filter", f"label=olab-store={bridges.store_tag(site.paths.containers)}"]
+    assert not run(["podman", "network", "ls", "-q", *ours], env=engine.env).output.split()
     assert not port_in_use(site.config.hub.host, site.config.hub.port), "the orphaned proxy still holds the hub's port"
 
 
