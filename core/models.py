@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
@@ -159,6 +160,7 @@ class Check(_Result):
     detail: str = ""
     seconds: float = 0.0
     planned: bool = False  # a dry run's "would be created", not yet there
+    link: str | None = None  # a file that shows what was checked (the browser check's screenshot)
 
 
 class ProvisionReport(_Result):
@@ -224,6 +226,47 @@ class HubAccess(_Result):
 
     url: str
     token: SecretStr
+
+
+class UserLogin(_Result):
+    """How a browser reaches one user's server as that user: the hub's URL, the user's name
+    and a short-lived token of theirs (made through the hub's API, deleted after use)."""
+
+    hub_url: str
+    user: str
+    token: SecretStr
+
+    def server_url(self, path: str = "") -> str:
+        return f"{self.hub_url.rstrip('/')}/user/{quote(self.user)}/{path}"
+
+
+class FailedRequest(_Result):
+    url: str
+    reason: str  # "404", or the browser's error ("net::ERR_CONNECTION_REFUSED")
+
+
+class DashboardObservation(_Result):
+    """What a student's browser showed of one page (a lab's dashboard, the lab index)."""
+
+    requested: str
+    landed: str  # the URL after redirects
+    error: str | None = None  # why the page did not open (a timeout, a refused connection)
+    title: str = ""
+    requests: int = 0
+    failed_requests: list[FailedRequest] = []
+    # Requests to any host but the site's own: blocked, as a classroom network would.
+    foreign_requests: list[str] = []
+    console_errors: list[str] = []
+    typeset_formulas: int = 0  # MathJax output elements (mjx-container)
+    raw_formulas: list[str] = []  # `$...$` left as text in the rendered markdown
+    widget_views: int = 0
+    error_outputs: list[str] = []  # the last line of each traceback an output shows
+    links: list[str] = []  # the page's links to dashboards (voila/render/...), absolute
+    slider: str | None = None  # the label of the slider moved; None when the page has none
+    slider_values: tuple[str, str] | None = None  # its value before and after the keys
+    output_changed: bool | None = None  # None when no slider was moved
+    screenshot: Path | None = None
+    seconds: float = 0.0
 
 
 class HubDeployment(_Result):

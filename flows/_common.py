@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from prefect.artifacts import create_markdown_artifact
@@ -58,7 +59,11 @@ def health_markdown(report: HealthReport | None) -> list[str]:
     if report is None:
         return ["health check skipped"]
     lines = ["| check | ok | seconds | detail |", "|---|---|---|---|"]
-    lines += [f"| {c.name} | {'yes' if c.ok else 'NO'} | {c.seconds:.1f} | {c.detail} |" for c in report.checks]
+    for c in report.checks:
+        detail = " ".join(c.detail.split()).replace("|", "\\|")
+        if c.link:  # a file on the machine that ran the check (the browser's screenshot)
+            detail += f" ([screenshot]({Path(c.link).absolute().as_uri()}))"
+        lines.append(f"| {c.name} | {'yes' if c.ok else 'NO'} | {c.seconds:.1f} | {detail} |")
     return lines
 
 

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from urllib.parse import quote
+
 from prefect import flow
 from prefect.logging import get_run_logger
 
+from core.browser_verdict import BROWSER_CHECK, browser_check
 from core.config import Site
 from core.guard import site_guard
-from core.models import FlowPlan, HealthReport, HubDeployment, ImageRef, PlannedStep
+from core.models import Check, FlowPlan, HealthReport, HubDeployment, ImageRef, PlannedStep, UserLogin
 from core.planning import Refused, hub_spec
 from core.platform import Platform
 from core.state import load_state, update_state
 from flows._common import health_markdown, open_site, publish, publish_plan
+from tasks.browser import chromium, screenshot_path, view_dashboard
 from tasks.hub_api import HEALTH_USER, health_check
 from tasks.notebooks import discover_labs
 
@@ -28,15 +33,43 @@ class HealthCheckFailed(RuntimeError):
     pass
 
 
+def _in_browser(site: Site) -> Callable[[UserLogin], Check]:
+    """The health check's look at the lab as a student: its dashboard in Chromium, a slider
+    moved, judged; the screenshot goes to the site's runtime folder (the last few are kept)."""
+    lab = site.config.labs.health_check_lab
+    timeout = float(site.config.hub.start_timeout_seconds)
+
+    def look(login: UserLogin) -> Check:
+        shot = screenshot_path(site.paths.runtime / "health", lab)
+        return browser_check(view_dashboard(login, f"voila/render/labs/{quote(lab)}.ipynb", shot, timeout))
+
+    return look
+
+
 def check_hub(site: Site, platform: Platform) -> HealthReport:
     """The health check on the live hub, recorded in the site's state; a failure says what
-    the target saw of the test user's server (its pod's events, the hub's log)."""
+    the target saw of the test user's server (its pod's events, the hub's log), or what a
+    student's browser showed of the lab (the report, with its screenshot, is published)."""
+    browser = site.config.labs.browser_check
+    if browser:
+        chromium()  # a machine without the browser is told so before the hub is asked anything
     try:
-        report = health_check(platform.hub_access(), site.config.labs.health_check_lab, float(site.config.hub.start_timeout_seconds))
+        report = health_check(
+            platform.hub_access(), site.config.labs.health_check_lab, float(site.config.hub.start_timeout_seconds),
+            _in_browser(site) if browser else None,
+        )
     except Exception as exc:
         seen = platform.spawn_report(HEALTH_USER)
         raise HealthCheckFailed(f"{exc}" + ("; the test user's server: " + " | ".join(seen) if seen else "")) from None
+    if not browser:
+        off = Check(name=BROWSER_CHECK, ok=True, detail="off (labs.browser_check: false in the site file)")
+        report = report.model_copy(update={"checks": [*report.checks, off]})
     update_state(site, health=report)
+    if not report.ok:
+        failed = next(c for c in report.checks if not c.ok)
+        publish(site, "health-check", [f"# health check: {site.name}: FAILED", "", *health_markdown(report)],
+                f"health check on {site.name}: {failed.name} failed")
+        raise HealthCheckFailed(f"{failed.name}: {failed.detail}" + (f" (screenshot: {failed.link})" if failed.link else ""))
     return report
 
 

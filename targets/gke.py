@@ -261,10 +261,13 @@ class GkePlatform(GkeShutdown):
 
     @staticmethod
     def _notebooks(spec: HubSpec) -> dict[str, str]:
-        """The labs each student gets, as the notebooks they open (they travel in the release)."""
+        """The labs each student gets, as the notebooks they open, and the lab index they land
+        on (they travel in the release)."""
+        from core.lab_index import INDEX_NAME, index_notebook
         from tasks.notebooks import notebook_text
 
-        return {f"{lab.name}.ipynb": notebook_text(lab) for lab in spec.labs}
+        notebooks = {f"{lab.name}.ipynb": notebook_text(lab) for lab in spec.labs}
+        return {**notebooks, f"{INDEX_NAME}.ipynb": index_notebook(spec.labs)} if notebooks else {}
 
     def _layers(self, spec: HubSpec) -> tuple[dict, dict, dict, str]:
         """(site layer carrying its release hash, secrets layer, ingress layer, release hash), checked

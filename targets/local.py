@@ -35,7 +35,7 @@ from core.secrets import SecretStore
 from core.state import clear_mark, load_state, read_mark, write_mark
 from tasks import backup, host, local_hub
 from tasks.hub_api import hub_version
-from tasks.notebooks import stage_lab
+from tasks.notebooks import stage_index, stage_lab
 from tasks.oci import Engine, engine_for, insecure_registries
 from tasks.local_registry import ensure_local_registry, pushed_by_olab, record_pushed, registry_login
 
@@ -110,6 +110,7 @@ class LocalPlatform:
         SecretStore(paths.secrets).load_or_create()
         for lab in spec.labs:
             stage_lab(lab, paths.labs)
+        stage_index(spec.labs, paths.labs)
         if spec.image.is_oci:
             engine = engine_for(spec.image.builder, paths.containers, insecure_registries(self.site))
             engine.ensure_local(spec.image.pinned, self.image_registry(prepare=False).login)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from urllib.parse import quote
 
 import httpx
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from pydantic import SecretStr
 
 from core.logs import task_logger
-from core.models import Check, HealthReport, HubAccess
+from core.models import Check, HealthReport, HubAccess, UserLogin
 from core.retry import TransientError, retry_options
 
 HEALTH_USER = "olab-health"
@@ -97,6 +100,22 @@ class HubAPI:
             time.sleep(0.25)
         raise TransientError(f"server of {name} not {what} after {timeout:.0f}s")
 
+    @contextmanager
+    def user_token(self, name: str, expires_in: int, note: str) -> Iterator[SecretStr]:
+        """A token of the user's own, only for their server, for the block; deleted after it
+        (and expiring by itself should the deletion fail)."""
+        made = self.request(
+            "POST", f"/hub/api/users/{quote(name)}/tokens",
+            json={"expires_in": expires_in, "note": note, "scopes": [f"access:servers!user={name}"]},
+        ).json()
+        try:
+            yield SecretStr(made["token"])
+        finally:
+            try:
+                self.request("DELETE", f"/hub/api/users/{quote(name)}/tokens/{made['id']}")
+            except httpx.HTTPError as exc:
+                task_logger().warning("could not delete %s's token %s (it expires in %ds): %s", name, made["id"], expires_in, exc)
+
     def get_user_page(self, name: str, path: str, timeout: float) -> httpx.Response:
         return self.request("GET", f"/user/{quote(name)}/{path}", timeout=timeout)
 
@@ -132,8 +151,14 @@ def _timed(checks: list[Check], name: str, step) -> object:
 
 
 @task(name="hub-health-check", cache_policy=NO_CACHE, **retry_options(retries=2))
-def health_check(access: HubAccess, lab: str, timeout: float) -> HealthReport:
-    """Create a test user, start their server, render a lab in Voilà, stop it."""
+def health_check(
+    access: HubAccess, lab: str, timeout: float, look: Callable[[UserLogin], Check] | None = None
+) -> HealthReport:
+    """Create a test user, start their server, render a lab in Voilà, stop it.
+
+    ``look``, when given, runs while the server is up with a short-lived token of the test
+    user's (how the caller's browser logs in); the check it returns joins the report, passed
+    or not (the report says what failed; the caller decides what a failure means)."""
     logger = task_logger()
     checks: list[Check] = []
     with HubAPI.of(access) as api:
@@ -155,6 +180,11 @@ def health_check(access: HubAccess, lab: str, timeout: float) -> HealthReport:
                 return f"labs/{lab}.ipynb: {len(page.content)} bytes, {widgets} widget views"
 
             _timed(checks, "render lab in Voilà", render)
+            if look is not None:
+                # Long enough for the slowest page the caller waits for; deleted when it is done.
+                lifetime = int(3 * timeout) + 120
+                with api.user_token(HEALTH_USER, lifetime, "olab health check: a browser as the test user") as token:
+                    checks.append(look(UserLogin(hub_url=access.url, user=HEALTH_USER, token=token)))
             _timed(checks, "stop server", lambda: api.stop_server(HEALTH_USER, timeout))
         except Exception:
             try:
@@ -163,5 +193,5 @@ def health_check(access: HubAccess, lab: str, timeout: float) -> HealthReport:
                 logger.warning("could not stop %s's server after a failed check: %s", HEALTH_USER, cleanup)
             raise
     for check in checks:
-        logger.info("%-20s ok  %5.1fs  %s", check.name, check.seconds, check.detail)
+        logger.info("%-20s %-3s %5.1fs  %s", check.name, "ok" if check.ok else "NO", check.seconds, check.detail)
     return HealthReport(hub_url=access.url, checks=checks)

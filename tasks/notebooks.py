@@ -12,13 +12,13 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-import jupytext
 import nbformat
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from core.logs import task_logger
 
-from core.files import sha256_file, write_json
+from core.files import atomic_write, sha256_file, write_json
+from core.lab_index import INDEX_NAME, index_notebook, read_lab
 from core.models import ImageRef, LabResult, LabSource
 from core.runner import CommandError, run
 from tasks.oci import Engine
@@ -43,6 +43,9 @@ def discover_labs(folder: Path, only: list[str] | None = None) -> list[LabSource
         if p.is_file() and p.suffix in LAB_SUFFIXES and _is_lab(p)
     ]
     names = [lab.name for lab in labs]
+    if INDEX_NAME in names:
+        taken = next(lab.path for lab in labs if lab.name == INDEX_NAME)
+        raise ValueError(f"{taken}: a lab cannot be named {INDEX_NAME!r}, the lab index's name beside the labs; rename it")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ValueError(f"{folder}: two labs share the name {', '.join(duplicates)} (one .md and one .ipynb?)")
@@ -58,14 +61,19 @@ def discover_labs(folder: Path, only: list[str] | None = None) -> list[LabSource
 
 def stage_lab(lab: LabSource, dest: Path) -> Path:
     """Write the lab as a plain .ipynb (what kernels and Voilà read)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    notebook = jupytext.read(lab.path) if lab.path.suffix == ".md" else nbformat.read(lab.path, as_version=4)
-    out = dest / f"{lab.name}.ipynb"
-    text = nbformat.writes(notebook)
+    return _write_notebook(dest / f"{lab.name}.ipynb", notebook_text(lab))
+
+
+def stage_index(labs: list[LabSource], dest: Path) -> Path:
+    """Write the lab index beside the staged labs (what students land on)."""
+    return _write_notebook(dest / f"{INDEX_NAME}.ipynb", index_notebook(labs))
+
+
+def _write_notebook(out: Path, text: str) -> Path:
+    # Readers (a spawn copying the labs) see the old file or the new one, never half;
+    # an unchanged one is not touched.
     if not out.exists() or out.read_text(encoding="utf-8") != text:
-        tmp = out.with_suffix(".ipynb.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        atomic_write(out, text)
     return out
 
 
@@ -73,7 +81,7 @@ def notebook_text(lab: LabSource) -> str:
     """The lab as .ipynb text (what kernels and Voilà read), from its MyST or notebook file;
     the same text for the same file (cell ids by position, where jupytext draws random ones),
     so an unchanged lab is an unchanged release."""
-    notebook = jupytext.read(lab.path) if lab.path.suffix == ".md" else nbformat.read(lab.path, as_version=4)
+    notebook = read_lab(lab)
     if lab.path.suffix == ".md":
         for number, cell in enumerate(notebook.cells, 1):
             cell["id"] = f"cell-{number}"

@@ -21,10 +21,35 @@ def command() -> list[str]:
     return [sys.executable, "-m", "tasks.proxy"]
 
 
+def _kernel_websockets_whole() -> None:
+    """Two faults of the port's WebSocket proxying (configurable-http-proxy 0.4.0), which every
+    kernel connection meets: JupyterLab and Voilà ask for the binary subprotocol
+    v1.kernel.websocket.jupyter.org and the server accepts it, but the proxy answers the
+    browser's handshake without it, which the browser takes as a failed handshake (a console
+    error; JupyterLab then reconnects with the legacy text protocol); and it sends the
+    browser's binary frames on as text frames, which the server cannot read."""
+    from configurable_http_proxy.handlers import ProxyHandler
+
+    def select_subprotocol(self, subprotocols):
+        chosen = self.ws_client.selected_subprotocol if self.ws_client else None
+        return chosen if chosen in subprotocols else None
+
+    def on_message(self, message):
+        if self.ws_client:
+            prefix = self.target["prefix"] if self.target else ""
+            if prefix:
+                self.proxy.update_last_activity(prefix)
+            self.ws_client.write_message(message, binary=isinstance(message, bytes))
+
+    ProxyHandler.select_subprotocol = select_subprotocol
+    ProxyHandler.on_message = on_message
+
+
 def main() -> None:
     from tornado.httpclient import AsyncHTTPClient
 
     AsyncHTTPClient.configure(None, max_clients=MAX_CLIENTS)
+    _kernel_websockets_whole()
     from configurable_http_proxy.cli import main as proxy
 
     proxy()

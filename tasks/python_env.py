@@ -68,16 +68,21 @@ def find_environment(envs: Path, name: str, tag: str) -> ImageRef | None:
 
 
 STARTUP_FILES = ("olab_kernel_fix.py", "olab-kernel-fix.pth")
+# The context's folder laid over the environment's prefix (/opt/olab in the image): the
+# Voilà template, the server's and Voilà's settings, JupyterLab's setting overrides.
+PREFIX_OVERLAY = "prefix"
 
 
 def install_startup_files(context: Path, env: Path) -> None:
-    """What the Containerfile copies into site-packages, the venv gets too."""
+    """What the Containerfile copies into site-packages and over /opt/olab, the venv gets too."""
     purelib = run(
         [str(env / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
     ).output.strip().splitlines()[-1]
     for name in STARTUP_FILES:
         if (context / name).is_file():
             shutil.copy2(context / name, Path(purelib) / name)
+    if (context / PREFIX_OVERLAY).is_dir():
+        shutil.copytree(context / PREFIX_OVERLAY, env, dirs_exist_ok=True)
 
 
 @contextmanager

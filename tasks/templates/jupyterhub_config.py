@@ -224,10 +224,29 @@ def _own_tree(fd, uid):
             os.chown(name, uid, uid, dir_fd=dir_fd, follow_symlinks=False)
 
 
+def _replace_at(dir_fd, name, content, uid, log):
+    """Put ``content`` at ``name`` in ``dir_fd`` in place of whatever is there: written to a
+    new file first (O_EXCL, no link followed), then renamed over the name, which replaces a
+    link the student put there rather than writing through it. A folder of that name stays
+    (said in the hub's log): the student's start goes on without the fresh page."""
+    tmp = ".%s.olab-%s" % (name, os.urandom(6).hex())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
+            if uid is not None:
+                os.fchown(out.fileno(), uid, uid)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as exc:
+        os.unlink(tmp, dir_fd=dir_fd)
+        log.warning("labs/%s not refreshed: %s", name, exc)
+
+
 def _give_labs(spawner):
     """Copy the site's labs into a new home; never overwrite a student's copy, never follow
     a link the student made (the hub runs as root here), and give only what it made to the
-    container's user, as it would own its volume."""
+    container's user, as it would own its volume. The lab index is olab's page, not student
+    work: it is written again at every start, so it lists the labs of this release."""
     uid = settings["home_uid"] if settings["spawner"] == "docker" else None
     if "/" in spawner.user.name or spawner.user.name in (".", ".."):
         raise ValueError(f"user name {spawner.user.name!r} cannot name a home folder")
@@ -238,12 +257,16 @@ def _give_labs(spawner):
             labs = _dir_at(home, "labs", uid)
             try:
                 for lab in sorted(Path(settings["labs"]).glob("*.ipynb")):
+                    content = lab.read_bytes()
+                    if json.loads(content).get("metadata", {}).get("olab", {}).get("index"):
+                        _replace_at(labs, lab.name, content, uid, spawner.log)
+                        continue
                     try:
                         fd = os.open(lab.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=labs)
                     except FileExistsError:
                         continue  # the student's own copy (or a link they made): left as it is
                     with os.fdopen(fd, "wb") as out:
-                        out.write(lab.read_bytes())
+                        out.write(content)
                         if uid is not None:
                             os.fchown(out.fileno(), uid, uid)
             finally:

@@ -271,7 +271,7 @@ def test_first_deploy_installs_both_releases_with_the_secrets_in_a_private_file_
     assert lab.values("olab-ingress")["domains"] == ["olab.example.org"]
     # Every lab travels in the release, mounted read-only for the start hook to copy into ~/labs.
     mounted = {f["mountPath"].rsplit("/", 1)[-1] for f in given["singleuser"]["extraFiles"].values()}
-    assert {f"{p.stem}.ipynb" for p in (REPO / "labs").glob("*.md") if p.name != "README.md"} <= mounted
+    assert {f"{p.stem}.ipynb" for p in (REPO / "labs").glob("*.md") if p.name != "README.md"} | {"index.ipynb"} == mounted
     assert "postStart" in given["singleuser"]["lifecycleHooks"]
 
     # The health check ran against the hub, authenticated with Vault's token (the fake hub
@@ -281,7 +281,10 @@ def test_first_deploy_installs_both_releases_with_the_secrets_in_a_private_file_
     health = load_state(load_site(str(lab.path))).health
     assert health is not None and health.ok and health.hub_url == lab.hub.url
     assert [c.name for c in health.checks] == ["hub api", "create test user", "start server", "server status",
-                                                 "render lab in Voilà", "stop server"]
+                                                 "render lab in Voilà", "dashboard in a browser", "stop server"]
+    # The browser looked as the test user, with a token of theirs made for it and deleted after.
+    assert ("POST", "/hub/api/users/olab-health/tokens") in lab.hub.requests
+    assert lab.hub.tokens == {}
     (report,) = [a for a in artifacts(lab.runs[-1:]) if a.key == f"{lab.name}-deploy-hub"]
     assert "action: **start**" in report.data and f"`{image().pinned}`" in report.data
     assert "| render lab in Voilà | yes |" in report.data and "| hub api | yes |" in report.data

@@ -147,7 +147,8 @@ def test_release_deploys_a_hub_that_spawns_and_renders_then_redeploy_is_a_no_op(
 
     assert result.health.ok
     names = [c.name for c in result.health.checks]
-    assert names == ["hub api", "create test user", "start server", "server status", "render lab in Voilà", "stop server"]
+    assert names == ["hub api", "create test user", "start server", "server status", "render lab in Voilà",
+                     "dashboard in a browser", "stop server"]
     render = next(c for c in result.health.checks if c.name == "render lab in Voilà")
     assert "widget views" in render.detail
     assert result.hub.action == "start"
