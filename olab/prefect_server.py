@@ -36,9 +36,10 @@ from pathlib import Path
 
 from core.config import olab_home
 from core.files import write_json
-from core.runner import http_answers, pid_alive, register_secrets, start_background, stop_process
+from core.runner import pid_alive, register_secrets, start_background, stop_process
 
 DEFAULT_PORT = 4200
+START_ATTEMPTS = 3  # ports tried when another process takes the chosen one as the server starts
 START_TIMEOUT_SECONDS = 120.0
 # A waiter outlasts a starter that uses its whole timeout and then stops what it started.
 LOCK_WAIT_SECONDS = START_TIMEOUT_SECONDS + 60.0
@@ -158,7 +159,19 @@ def _contains(words: list[str], wanted: list[str]) -> bool:
 
 
 def answers(server: PrefectServer) -> bool:
-    return http_answers(f"{server.url}/health")
+    """Whether the server at ``server.url`` answers and takes this olab home's credential:
+    its health probe needs none, so another olab home's server on the same port (two starts
+    racing for 4200) would otherwise pass for ours."""
+    import httpx
+
+    login = credential()
+    if login is None:
+        return False
+    user, _, password = login.partition(":")
+    try:
+        return httpx.get(f"{server.url}/admin/version", auth=(user, password), timeout=2.0).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def running() -> PrefectServer | None:
@@ -251,6 +264,19 @@ def ensure_started(port: int | None = None) -> tuple[PrefectServer, bool]:
 def _start(wanted: int) -> PrefectServer:
     auth = credential(create=True)
     port = wanted if _port_free(wanted) else _free_port()
+    for _ in range(START_ATTEMPTS - 1):
+        try:
+            return _start_on(port, auth)
+        except _PortTaken:
+            port = _free_port()  # another process bound it between the probe and the start
+    return _start_on(port, auth)
+
+
+class _PortTaken(PrefectServerError):
+    pass
+
+
+def _start_on(port: int, auth: str) -> PrefectServer:
     url = _api_url(port)
     # Only its own Prefect settings: none of the caller's (a profile, an API URL) leak in.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -274,6 +300,8 @@ def _start(wanted: int) -> PrefectServer:
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while not answers(server):
             if not pid_alive(pid):
+                if not _port_free(port):
+                    raise _PortTaken(f"port {port} was taken while olab's Prefect server started; see {log_file()}")
                 raise PrefectServerError(f"olab's Prefect server on {url} exited while starting; see {log_file()}")
             if time.monotonic() > deadline:
                 raise PrefectServerError(

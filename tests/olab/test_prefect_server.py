@@ -338,3 +338,30 @@ def test_a_flow_run_killed_with_sigkill_shows_crashed_within_the_configured_time
     took = time.monotonic() - killed
     assert took >= crash_detection.DETECT_WITHIN_SECONDS - 5, f"Crashed after {took:.0f}s, before its heartbeats were due"
     assert "no heartbeat" in state()["message"]
+
+
+@pytest.mark.slow
+def test_two_olab_homes_starting_at_once_on_one_port_each_get_their_own_server(tmp_path, servers):
+    # Both see the port free and start; one server cannot bind it. That one's command must
+    # neither take the other home's server for its own (its health probe needs no credential:
+    # the CI's 401) nor fail: it starts again on a free port.
+    port = free_port()
+    code = ("import sys; from olab import prefect_server as p; s, _ = p.ensure_started(int(sys.argv[1])); "
+            "print(s.pid, s.port, p.answers(s))")
+    homes = [tmp_path / f"home-{i}" for i in (1, 2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(port)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+                              | {"OLAB_HOME": str(h), "PREFECT_HOME": str(h / "client")})
+             for h in homes]
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for home in homes:
+            record = home / "prefect" / "server.json"
+            if record.is_file():
+                servers.add(json.loads(record.read_text())["pid"])
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    answers = [out.split()[-3:] for out in outputs]
+    assert {a[1] for a in answers} != {str(port)} and str(port) in {a[1] for a in answers}, answers
+    assert all(a[2] == "True" for a in answers) and answers[0][0] != answers[1][0], answers
