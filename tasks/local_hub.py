@@ -135,6 +135,8 @@ def render_settings(
             "userns": {"base": USERNS_BASE, "size": USERNS_SIZE},
             # Who owns a home on the host: the container's jovyan, as the user namespace maps it.
             "home_uid": USERNS_BASE + CONTAINER_UID,
+            # Each server's API token, a file of its user's mounted into its container.
+            "tokens": str(paths.runtime / "api-tokens"),
             "mem_limit": spec.limits.memory,
             "cpu_limit": spec.limits.cpu,
         }

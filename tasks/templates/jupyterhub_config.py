@@ -148,6 +148,8 @@ if settings["spawner"] == "docker":
     sys.modules[bridges.__name__] = bridges
     exec(compile(settings["bridges_code"], "core/bridges.py", "exec"), bridges.__dict__)
 
+    TOKEN_IN_CONTAINER = "/run/olab/api-token"
+
     class OlabDockerSpawner(DockerSpawner):
         @default("network_name")
         def _own_network(self):
@@ -163,12 +165,45 @@ if settings["spawner"] == "docker":
             )
             return await super().start()
 
+        def get_env(self):
+            # The server's API token reaches the container as a file of its user's (0600,
+            # mounted read-only), not through its environment: podman writes a container's
+            # environment into the runtime's config.json, mode 0644, under folders other
+            # accounts of this machine may traverse. The command below reads it back.
+            env = super().get_env()
+            token = env.pop("JUPYTERHUB_API_TOKEN", None)
+            env.pop("JPY_API_TOKEN", None)
+            if token is not None:
+                _write_token(self.user.name, token)
+            return env
+
         async def stop(self, now=False):
             await super().stop(now=now)
+            _token_file(self.user.name).unlink(missing_ok=True)
             try:
                 await asyncio.to_thread(bridges.remove_student_network, self.client, self.network_name)
             except (APIError, OSError) as exc:
                 self.log.warning("network %s of %s stays: %s", self.network_name, self.user.name, exc)
+
+    def _token_file(name):
+        if "/" in name or name in (".", ".."):
+            raise ValueError(f"user name {name!r} cannot name a token file")
+        return Path(settings["tokens"]) / name
+
+    def _write_token(name, token):
+        tokens = Path(settings["tokens"])
+        tokens.mkdir(mode=0o711, exist_ok=True)
+        path = _token_file(name)
+        tmp = tokens / f".{name}.{os.urandom(6).hex()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(token)
+                os.fchown(out.fileno(), settings["home_uid"], settings["home_uid"])
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     c.JupyterHub.spawner_class = OlabDockerSpawner
     c.JupyterHub.hub_ip = settings["gateway"]
@@ -190,7 +225,13 @@ if settings["spawner"] == "docker":
     }
     c.Spawner.ip = "0.0.0.0"
     c.Spawner.port = 8888
-    c.Spawner.cmd = ["jupyterhub-singleuser"]
+    c.DockerSpawner.read_only_volumes = {settings["tokens"] + "/{raw_username}": TOKEN_IN_CONTAINER}
+    c.Spawner.cmd = [
+        "sh", "-c",
+        'JUPYTERHUB_API_TOKEN="$(cat %s)" && export JUPYTERHUB_API_TOKEN JPY_API_TOKEN="$JUPYTERHUB_API_TOKEN" '
+        '&& exec jupyterhub-singleuser "$@"' % TOKEN_IN_CONTAINER,
+        "jupyterhub-singleuser",
+    ]
     c.Spawner.args = []
     c.Spawner.environment = {"OLAB_SITE": settings["site"]}
     if settings["mem_limit"]:

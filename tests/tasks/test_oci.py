@@ -170,6 +170,7 @@ def test_hub_spawns_a_container_of_the_digest(user_image, stop_hubs):
         assert image.digest in line
         status = api.get("/user/student1/api/status")
         assert status.status_code == 200 and "started" in status.json()
+        the_server_token_is_in_no_readable_file(site, engine, f"{hub_settings(site)['container_prefix']}-student1")
         page = api.get("/user/student1/voila/render/labs/radioactive_decay.ipynb")
         assert page.status_code == 200 and "application/vnd.jupyter.widget-view+json" in page.text
         # The student's work lands in their home under the site's data folder.
@@ -183,6 +184,7 @@ def test_hub_spawns_a_container_of_the_digest(user_image, stop_hubs):
             time.sleep(0.25)
         containers = run(["podman", "ps", "-a", "--format", "{{.Names}}"], env=engine.env).output
         assert "student1" not in containers, "the container is removed on stop"
+        assert not (site.paths.runtime / "api-tokens" / "student1").exists(), "its API token file outlived it"
         assert (home / "notes.txt").read_text() == "my data", "the home is kept"
         assert (home / "labs" / "lorenz.ipynb").is_file()
         students_are_only_themselves(hub.url, site, api, engine)
@@ -200,6 +202,38 @@ def test_hub_spawns_a_container_of_the_digest(user_image, stop_hubs):
     ours = ["--filter", f"label=olab-site={site.name}", "--filter", f"label=olab-store={bridges.store_tag(site.paths.containers)}"]
     assert not run(["podman", "network", "ls", "-q", *ours], env=engine.env).output.split()
     assert not port_in_use(site.config.hub.host, site.config.hub.port), "the orphaned proxy still holds the hub's port"
+
+
+def hub_settings(site) -> dict:
+    return json.loads((site.paths.hub / "olab-hub.json").read_text())
+
+
+def the_server_token_is_in_no_readable_file(site, engine, container: str) -> None:
+    """A user server's API token (it acts as the student towards the hub) is not in its
+    container's environment, and no file of the container store or the site's runtime that
+    holds it is readable by another account: podman writes a container's environment into
+    its runtime config.json, mode 0644."""
+    token = run(["podman", "exec", container, "cat", "/run/olab/api-token"], env=engine.env).output.strip()
+    assert len(token) >= 32
+    env = run(["podman", "inspect", container, "--format", "{{json .Config.Env}}"], env=engine.env).output
+    assert "JUPYTERHUB_API_TOKEN" not in env and token not in env
+    served = run(["podman", "exec", container, "sh", "-c", "cat /proc/1/environ | tr '\\0' '\\n'"], env=engine.env).output
+    assert f"JUPYTERHUB_API_TOKEN={token}" in served, "the server got its token"
+    holders = []
+    for root in (site.paths.containers / "run", site.paths.containers / "storage" / "overlay-containers",
+                 site.paths.containers / "storage" / "libpod", site.paths.runtime):
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and site.paths.homes not in path.parents:
+                try:
+                    if token.encode() in path.read_bytes():
+                        holders.append(path)
+                except OSError:
+                    continue
+    assert holders, "the token file was not found"
+    loose = [f"{p} {stat.S_IMODE(p.stat().st_mode):o}" for p in holders if stat.S_IMODE(p.stat().st_mode) & 0o077]
+    assert not loose, loose
+    token_file = site.paths.runtime / "api-tokens" / container.rsplit("-", 1)[-1]
+    assert token_file in holders and token_file.stat().st_uid == hub_settings(site)["home_uid"]
 
 
 @contextlib.contextmanager
