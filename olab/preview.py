@@ -41,7 +41,7 @@ from core.models import ImageRef, LabSource
 from core.runner import CommandError, ToolMissing, log_tail, pid_alive, start_background, stop_process
 from core.state import load_state
 from tasks.local_hub import CONTAINER_UID
-from tasks.notebooks import discover_labs, private_lab_env, stage_lab
+from tasks.notebooks import discover_labs, private_lab_env, stage_index, stage_lab
 from tasks.oci import Engine, engine_for
 
 CONTAINER_HOME = "/home/jovyan"
@@ -142,9 +142,15 @@ class LabWatcher:
         self.lab, self.dest, self.say = lab, dest, say
         self.seen = self._stamp()
         try:
-            stage_lab(lab, dest)
+            self._stage()
         except Exception as exc:  # noqa: BLE001 - a lab that does not parse, whatever the parser raises
             raise PreviewError(f"{lab.path}: not a notebook ({type(exc).__name__}: {_one_line(str(exc))})") from None
+
+    def _stage(self) -> None:
+        stage_lab(self.lab, self.dest)
+        # The O-Lab bar's way back leads to the lab index: one of this lab alone, as its
+        # title and line will show there (staged again with each edit).
+        stage_index([self.lab], self.dest)
 
     def _stamp(self) -> tuple[int, int] | None:
         try:
@@ -159,7 +165,7 @@ class LabWatcher:
             return False
         self.seen = stamp
         try:
-            stage_lab(self.lab, self.dest)
+            self._stage()
         except Exception as exc:  # noqa: BLE001 - any parse error of a half-written lab
             self.say(f"{self.lab.path}: not staged ({type(exc).__name__}: {_one_line(str(exc))}); the last good version is served")
             return False

@@ -201,6 +201,9 @@ def test_a_venv_image_is_previewed_with_its_own_server(make_site, tmp_path):
         assert not in_any_argv(preview.token)
         assert httpx.get(f"http://127.0.0.1:{preview.port}/api/contents", timeout=30).status_code == 403
         renders_with_widgets(preview.url)
+        # The O-Lab bar's way back: an index of the previewed lab.
+        index = httpx.get(preview.url.replace("radioactive_decay.ipynb", "index.ipynb"), timeout=120)
+        assert index.status_code == 200 and "radioactive_decay.ipynb" in index.text, index.status_code
         # The venv's own server, a child of the preview.
         server = run(["pgrep", "-P", str(preview.proc.pid), "-a"]).output.strip().splitlines()
         assert len(server) == 1 and str(image.bin / "jupyter-server") in server[0]
