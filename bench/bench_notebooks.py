@@ -65,7 +65,7 @@ def frozen(python: Path) -> dict[str, str]:
 
 
 def lab_env(python: Path, home: Path) -> dict[str, str]:
-    """The same environment olab's run_lab gives a lab (private Jupyter home, agg backend)."""
+    """The same environment olab's run_labs gives its lab runner (private Jupyter home, agg backend)."""
     from tasks.notebooks import private_lab_env
 
     home.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ result cache cleared, no hub running, a fresh site runtime with free ports):
     deploy-hub does -> health check (spawn a user, render a lab in Voila)
 
 - plain: those steps called directly: ``venv_tag``/``find_environment``,
-  ``discover_labs``/``stage_lab``, ``run_lab.fn`` in a ThreadPoolExecutor(2),
+  ``discover_labs``/``stage_lab``, ``run_labs.fn`` (one lab runner, 2 labs at a time),
   ``hub_spec`` + ``LocalPlatform.plan_hub``, then the steps of
   ``LocalPlatform.apply_hub`` with ``tasks.local_hub.apply_hub.fn``,
   ``health_check.fn``;
@@ -39,7 +39,6 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -61,7 +60,7 @@ def plain_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[
     from targets.local import LocalPlatform
     from tasks.hub_api import health_check
     from tasks.local_hub import apply_hub, config_hash, hub_template, proxy_command, render_settings
-    from tasks.notebooks import cached_result, discover_labs, run_lab, stage_lab, store_result
+    from tasks.notebooks import cached_result, discover_labs, run_labs, stage_lab, store_result
     from tasks.python_env import find_environment, venv_tag
 
     mark = time.perf_counter()
@@ -90,15 +89,7 @@ def plain_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[
     plan = plan_labs(labs, cached)
     with tempfile.TemporaryDirectory(prefix="olab-labs-") as staging:
         staged = {lab.name: stage_lab(lab, Path(staging)) for lab in plan.to_run}
-        with ThreadPoolExecutor(2) as pool:
-            fresh = list(
-                pool.map(
-                    lambda lab: run_lab.fn(
-                        image=image, lab=lab, notebook=staged[lab.name], cell_timeout=settings.cell_timeout_seconds
-                    ),
-                    plan.to_run,
-                )
-            )
+        fresh = run_labs.fn(image, [staged[lab.name] for lab in plan.to_run], settings.cell_timeout_seconds, 2) if plan.to_run else []
     failed = [r.describe() for r in fresh if not r.passed]
     if failed:
         raise RuntimeError("labs failed: " + "; ".join(failed))

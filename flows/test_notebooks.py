@@ -1,4 +1,4 @@
-"""test-notebooks: every lab executed in the user environment, in parallel."""
+"""test-notebooks: every lab executed in the user environment, in parallel, each in a kernel of its own."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.logging import get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from core.guard import site_guard
 from core.models import FlowPlan, ImageRef, LabReport, LabResult, LabSource, PlannedStep
@@ -17,7 +16,7 @@ from core.planning import lab_cache_key, plan_labs
 from flows._common import open_site, publish, publish_plan
 from flows.build_image import image_for, plan_image
 from tasks.oci import engine_for
-from tasks.notebooks import cached_result, discover_labs, run_lab, stage_lab, store_result
+from tasks.notebooks import cached_result, discover_labs, run_labs, stage_lab, store_result
 
 
 class LabsFailed(RuntimeError):
@@ -82,7 +81,8 @@ def test_notebooks(
         results: list[LabResult] = list(plan.reused)
         if plan.to_run:
             workers = settings.parallelism or os.cpu_count() or 2
-            logger.info("running %d labs, %d at a time, in %s", len(plan.to_run), workers, image.pinned)
+            logger.info("running %d labs, %d at a time, in %s%s", len(plan.to_run), workers, image.pinned,
+                        " (one container for all)" if image.is_oci else "")
             engine = None
             if image.is_oci:
                 access = platform.image_registry(prepare=False)
@@ -91,22 +91,8 @@ def test_notebooks(
             with tempfile.TemporaryDirectory(prefix="olab-labs-") as staging:
                 # Read-only for the image's non-root user too.
                 os.chmod(staging, 0o755)
-                staged = {lab.name: stage_lab(lab, Path(staging)) for lab in plan.to_run}
-                with ThreadPoolTaskRunner(max_workers=workers) as runner:
-                    futures = [
-                        runner.submit(
-                            run_lab,
-                            parameters={
-                                "image": image,
-                                "lab": lab,
-                                "notebook": staged[lab.name],
-                                "cell_timeout": settings.cell_timeout_seconds,
-                                "engine": engine,
-                            },
-                        )
-                        for lab in plan.to_run
-                    ]
-                    fresh = [future.result() for future in futures]
+                notebooks = [stage_lab(lab, Path(staging)) for lab in plan.to_run]
+                fresh = run_labs(image, notebooks, settings.cell_timeout_seconds, workers, engine)
             for result in fresh:
                 if result.passed:
                     store_result(cache, keys[result.lab], result)

@@ -1,13 +1,15 @@
 """Lab notebooks: found in labs/, staged as .ipynb, executed in a user environment.
 
 Execution happens in a child process running the environment's own Python
-(``olab/labrunner.py``), so a lab sees exactly the packages the hub's users see.
+(``core/labrunner.py``; for an OCI image, in one container of it for all the labs of a
+run), so a lab sees exactly the packages the hub's users see.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -18,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from core.logs import task_logger
 
 from core.files import atomic_write, sha256_file, write_json
+from core.labrunner import RESULT_MARK
 from core.lab_index import INDEX_NAME, index_notebook, read_lab
 from core.models import ImageRef, LabResult, LabSource
 from core.runner import CommandError, run
@@ -107,19 +110,29 @@ def store_result(cache: Path, key: str, result: LabResult) -> None:
 
 
 RUNNER_IN_CONTAINER = "/opt/olab-runner/labrunner.py"
+LABS_IN_CONTAINER = "/labs"
 
 
-def lab_command(
-    image: ImageRef, lab: LabSource, notebook: Path, cell_timeout: int, work_dir: Path, engine: Engine | None
+def labs_command(
+    image: ImageRef, notebooks: list[Path], cell_timeout: int, parallelism: int, work_dir: Path, engine: Engine | None
 ) -> tuple[list[str], dict[str, str]]:
-    """How to run one lab: with the venv's Python, or in a throwaway container of the image."""
-    runner_args = ["--name", lab.name, "--timeout", str(cell_timeout)]
+    """How to run the labs: the lab runner with the venv's Python, or in ONE throwaway
+    container of the image (labs read-only, no network) for all of them."""
+    folders = {notebook.parent for notebook in notebooks}
+    if len(folders) != 1:
+        raise ValueError(f"the labs of one run are staged in one folder, not {len(folders)}")
+    runner_args = ["--timeout", str(cell_timeout), "--parallel", str(parallelism)]
     if engine is not None:
-        argv = engine.run_prefix([(notebook.parent, "/labs"), (labrunner_script(), RUNNER_IN_CONTAINER)])
-        argv += ["-e", "MPLBACKEND=agg", image.pinned, "python3", RUNNER_IN_CONTAINER, f"/labs/{notebook.name}", *runner_args]
-        return argv, engine.env
+        argv = engine.run_prefix([(folders.pop(), LABS_IN_CONTAINER), (labrunner_script(), RUNNER_IN_CONTAINER)])
+        argv += ["-e", "MPLBACKEND=agg", image.pinned, "python3", RUNNER_IN_CONTAINER, *runner_args]
+        return argv + [f"{LABS_IN_CONTAINER}/{notebook.name}" for notebook in notebooks], engine.env
+    # Alone in its folder, as in the container: a script's folder comes first on its
+    # sys.path, and olab's core/ would shadow the standard library there (core/secrets.py).
+    runner = work_dir / "runner" / "labrunner.py"
+    runner.parent.mkdir()
+    shutil.copyfile(labrunner_script(), runner)
     env = private_lab_env(image.bin, work_dir)
-    return [str(image.python), str(labrunner_script()), str(notebook), *runner_args], env
+    return [str(image.python), str(runner), *runner_args, *map(str, notebooks)], env
 
 
 def private_lab_env(bin_dir: Path, home: Path) -> dict[str, str]:
@@ -136,25 +149,53 @@ def private_lab_env(bin_dir: Path, home: Path) -> dict[str, str]:
     }
 
 
-@task(name="run-lab", cache_policy=NO_CACHE, task_run_name="run-lab-{lab.name}")
-def run_lab(image: ImageRef, lab: LabSource, notebook: Path, cell_timeout: int, engine: Engine | None = None) -> LabResult:
-    """Execute one staged lab in the image; never raises for a lab failure."""
-    logger = task_logger()
-    with tempfile.TemporaryDirectory(prefix=f"olab-lab-{lab.name}-") as work:
-        argv, env = lab_command(image, lab, notebook, cell_timeout, Path(work), engine)
-        # The per-cell timeout bounds each cell; this bounds a kernel that never starts.
-        try:
-            out = run(argv, cwd=Path(work), env=env, check=False, timeout=cell_timeout * 4 + 120)
-        except CommandError as exc:
-            return LabResult(lab=lab.name, status="timeout", seconds=0.0, error=str(exc))
-    last = out.output.strip().splitlines()[-1] if out.output.strip() else ""
+def runner_result(line: str) -> LabResult | None:
+    """One lab's result, from the lab runner's line for it (None for any other line)."""
+    if not line.startswith(RESULT_MARK + " "):
+        return None
     try:
-        result = LabResult.model_validate(json.loads(last))
+        return LabResult.model_validate(json.loads(line[len(RESULT_MARK) + 1 :]))
     except ValueError:
-        tail = " | ".join(out.output.strip().splitlines()[-3:])
-        result = LabResult(lab=lab.name, status="error", seconds=out.seconds, error=f"lab runner failed: {tail}")
-    if result.passed:
-        logger.info(result.describe())
-    else:
-        logger.error("\n".join(result.failure_lines()))
-    return result
+        return None
+
+
+@task(name="run-labs", cache_policy=NO_CACHE)
+def run_labs(
+    image: ImageRef, notebooks: list[Path], cell_timeout: int, parallelism: int, engine: Engine | None = None
+) -> list[LabResult]:
+    """Execute the staged labs in the image, ``parallelism`` at a time, each in a kernel of
+    its own (core/labrunner.py); one result per lab in the order given, never raises for a
+    lab failure. Each lab is logged as it ends."""
+    logger = task_logger()
+    names = [notebook.stem for notebook in notebooks]
+    results: dict[str, LabResult] = {}
+
+    def on_line(line: str) -> None:
+        result = runner_result(line)
+        if result is None:
+            if line.startswith("labrunner: "):
+                logger.info(line)
+            return
+        results[result.lab] = result
+        done = f"({len(results)}/{len(names)})"
+        if result.passed:
+            logger.info("%s %s", result.describe(), done)
+        else:
+            logger.error("\n".join([f"{result.describe()} {done}", *result.failure_lines()[1:]]))
+
+    # The per-cell timeout bounds each cell; this bounds a runner that never ends: every
+    # lab's own bound (a kernel that never starts included), one lab after the other.
+    bound = (cell_timeout * 4 + 120) * len(notebooks)
+    with tempfile.TemporaryDirectory(prefix="olab-labs-run-") as work:
+        argv, env = labs_command(image, notebooks, cell_timeout, parallelism, Path(work), engine)
+        try:
+            out = run(argv, cwd=Path(work), env=env, check=False, timeout=bound, on_line=on_line)
+            missing = LabResult(lab="", status="error", seconds=out.seconds,
+                                error="lab runner failed: " + " | ".join(out.output.strip().splitlines()[-3:]))
+        except CommandError as exc:
+            missing = LabResult(lab="", status="timeout", seconds=float(bound), error=str(exc))
+    for name in names:
+        if name not in results:
+            results[name] = missing.model_copy(update={"lab": name})
+            logger.error(results[name].describe())
+    return [results[name] for name in names]
