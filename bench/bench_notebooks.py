@@ -98,7 +98,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="measured runs of each (median reported)")
     benchlib.add_heartbeat_option(parser, "notebooks")
     args = parser.parse_args()
-    heartbeats = not args.no_flow_heartbeat
+    engine_heartbeat = args.prefect_heartbeat
     logging.getLogger("olab").setLevel(logging.INFO)
 
     from flows.build_image import build_image
@@ -106,7 +106,7 @@ def main() -> int:
     from core.config import load_site
     from tasks.notebooks import discover_labs, stage_lab
 
-    with benchlib.prefect_server(), benchlib.flow_heartbeats(heartbeats):
+    with benchlib.prefect_server(), benchlib.flow_heartbeats(engine_heartbeat):
         site_path = benchlib.write_site("bench-nb")
         site = load_site(str(site_path))
         cell_timeout = site.config.labs.cell_timeout_seconds
@@ -205,7 +205,7 @@ def main() -> int:
             f"rerun / first run = {clean_ratios['rerun_over_first']:.3f}x"
         )
     path = benchlib.write_results(
-        benchlib.results_name("notebooks", heartbeats),
+        benchlib.results_name("notebooks", engine_heartbeat),
         {
             "benchmark": "test-notebooks vs pytest --nbmake -n 2",
             "labs": [lab.name for lab in labs],
@@ -216,7 +216,7 @@ def main() -> int:
             },
             "olab_parallelism": site.config.labs.parallelism or os.cpu_count(),
             "prefect_server": "prefect.testing.utilities.prefect_test_harness, started before timing",
-            "flow_run_heartbeat": benchlib.heartbeat_note(heartbeats),
+            "flow_run_heartbeat": benchlib.heartbeat_note(engine_heartbeat),
             "setup_seconds": {"build_image": round(build_seconds, 2), "baseline_venv": round(venv_seconds, 2)},
             "warmup_seconds": {k: round(v, 2) for k, v in warm.items()},
             "seconds": {

@@ -230,7 +230,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="measured runs of each (median reported)")
     benchlib.add_heartbeat_option(parser, "release")
     args = parser.parse_args()
-    heartbeats = not args.no_flow_heartbeat
+    engine_heartbeat = args.prefect_heartbeat
     # Task logs outside a flow run go to the stdlib "olab" logger: show them, as Prefect shows its own.
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s", "%H:%M:%S"))
@@ -241,7 +241,7 @@ def main() -> int:
 
     from flows.build_image import build_image
 
-    with benchlib.prefect_server(), benchlib.flow_heartbeats(heartbeats):
+    with benchlib.prefect_server(), benchlib.flow_heartbeats(engine_heartbeat):
         banner("building the user environment (build-image flow, once, not measured)")
         setup_site = benchlib.write_site("bench-rel-setup")
         image = build_image(site=str(setup_site))
@@ -277,7 +277,7 @@ def main() -> int:
             print(f"[bench] {kind} run on {run['site']} failed after {run['seconds']:.1f}s: {run['error']}")
     if not runs["plain"] or not runs["flow"]:
         print("[bench] no successful run of one side: no ratio")
-        benchlib.write_results(benchlib.results_name("release", heartbeats), {"benchmark": "release flow vs plain script", "failed": failed, "runs": runs})
+        benchlib.write_results(benchlib.results_name("release", engine_heartbeat), {"benchmark": "release flow vs plain script", "failed": failed, "runs": runs})
         return 1
     plain = median([r["seconds"] for r in runs["plain"]])
     flow = median([r["seconds"] for r in runs["flow"]])
@@ -312,7 +312,7 @@ def main() -> int:
         return {n: round(median([r["phases"][n] for r in runs[kind]]), 3) for n in names}
 
     path = benchlib.write_results(
-        benchlib.results_name("release", heartbeats),
+        benchlib.results_name("release", engine_heartbeat),
         {
             "benchmark": "release flow vs the same steps as a plain script",
             "image": image.pinned,
@@ -320,7 +320,7 @@ def main() -> int:
             "no hub running before each run; then an unchanged rerun on the same site and hub, timed on its own; "
             "then the hub is stopped (phase 'stop', in neither time)",
             "prefect_server": "prefect.testing.utilities.prefect_test_harness, started before timing",
-            "flow_run_heartbeat": benchlib.heartbeat_note(heartbeats),
+            "flow_run_heartbeat": benchlib.heartbeat_note(engine_heartbeat),
             "warmup_seconds": {k: round(v["seconds"], 2) for k, v in warm.items()},
             "warmup_errors": {k: v["error"] for k, v in warm.items() if v["error"]} or None,
             "seconds": {k: [round(r["seconds"], 3) for r in v] for k, v in runs.items()},

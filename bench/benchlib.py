@@ -112,48 +112,54 @@ def write_site(name: str, **sections) -> Path:
 
 @contextmanager
 def prefect_server():
-    """A temporary local Prefect server (SQLite in a temp dir), started before any timing."""
+    """A temporary local Prefect server (SQLite in a temp dir), started before any timing,
+    with the Prefect settings olab's commands run with (olab/crash_detection.py: no
+    heartbeat from Prefect's engine; the lifecycle guard sends it, core/heartbeat.py)."""
+    from prefect.settings import temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
+    from olab import crash_detection
+
     started = time.monotonic()
-    with prefect_test_harness(server_startup_timeout=180):
+    with prefect_test_harness(server_startup_timeout=180), temporary_settings(crash_detection.settings()):
         print(f"[bench] temporary Prefect server up in {time.monotonic() - started:.1f}s (not measured)", flush=True)
         yield
 
 
 @contextmanager
-def flow_heartbeats(enabled: bool = True):
-    """Diagnostic: with enabled=False, flows run with Prefect's flow-run heartbeat off.
-
-    Prefect 3.9 joins a heartbeat thread that sleeps in 1 s steps when a flow
-    run ends, so every flow run (subflows too) can end up to 1 s later than its
-    work. Off, the benchmark shows what is left of the orchestration overhead.
-    """
-    if enabled:
+def flow_heartbeats(engine: bool = False):
+    """Diagnostic: with engine=True, flows send their heartbeat from Prefect's engine (every
+    30 s), as olab's commands did before: Prefect 3.9 joins that thread, which sleeps in 1 s
+    steps, when a flow run ends, so every run ended 0 to 1 s after its work. Default: as
+    olab's commands run (the lifecycle guard's heartbeat, which stops at once)."""
+    if not engine:
         yield
         return
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    from core.heartbeat import HEARTBEAT_SECONDS
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: HEARTBEAT_SECONDS}):
         yield
 
 
-def results_name(base: str, heartbeats: bool) -> str:
-    return f"{base}.json" if heartbeats else f"{base}-no-heartbeat.json"
+def results_name(base: str, engine_heartbeat: bool) -> str:
+    return f"{base}-prefect-heartbeat.json" if engine_heartbeat else f"{base}.json"
 
 
 def add_heartbeat_option(parser, base: str) -> None:
-    """--no-flow-heartbeat, shared by the flow benchmarks (see flow_heartbeats)."""
+    """--prefect-heartbeat, shared by the flow benchmarks (see flow_heartbeats)."""
     parser.add_argument(
-        "--no-flow-heartbeat",
+        "--prefect-heartbeat",
         action="store_true",
-        help="diagnostic: run the flows with Prefect's flow-run heartbeat off "
-        f"(results in bench/results/{results_name(base, False)})",
+        help="diagnostic: flows send their heartbeat from Prefect's engine, as olab's commands did before "
+        f"(results in bench/results/{results_name(base, True)})",
     )
 
 
-def heartbeat_note(heartbeats: bool) -> str:
-    return "on (Prefect default)" if heartbeats else "off (diagnostic)"
+def heartbeat_note(engine_heartbeat: bool) -> str:
+    return ("Prefect's engine, every 30 s (diagnostic: what olab's commands did before)" if engine_heartbeat
+            else "the lifecycle guard's (core/heartbeat.py), as olab's commands run; Prefect's engine heartbeat off")
 
 
 def clear_lab_cache() -> None:

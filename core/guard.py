@@ -72,6 +72,7 @@ from typing import Any
 
 from core.config import Site, olab_home
 from core.files import write_json
+from core.heartbeat import beating
 from core.logs import task_logger
 from core.runner import pid_alive
 
@@ -291,6 +292,13 @@ def site_guard(site: Site, *, wait_seconds: float | None = None) -> Iterator[Non
         return
     limit = wait_limit() if wait_seconds is None else wait_seconds
     log = task_logger()
+    # The run's heartbeat (core/heartbeat.py) from before it waits for the lock until the
+    # lock is released: every lifecycle flow does all its work in here.
+    with beating():
+        yield from _guarded(site, name, limit, log)
+
+
+def _guarded(site: Site, name: str, limit: float, log) -> Iterator[None]:
     fd = _open_lock(site)
     try:
         _wait_for(fd, site, limit)

@@ -7,8 +7,10 @@ nothing with a missing heartbeat by itself; an automation does, as Prefect's gui
 "How to detect and respond to zombie flows" sets it up: after a heartbeat of a run,
 expect another (or the run's end) within :data:`DETECT_WITHIN_SECONDS`, else set the
 run Crashed. olab makes that automation on every Prefect server its commands use
-(once: it is found by name afterwards) and runs its flows with heartbeats every
-:data:`HEARTBEAT_SECONDS` (Prefect's minimum is 30 s, its default 180 s).
+(once: it is found by name afterwards), and its flows send the same heartbeat every
+:data:`HEARTBEAT_SECONDS` (Prefect's minimum is 30 s, its default 180 s) from the
+lifecycle guard rather than from Prefect's engine, whose heartbeat thread made every run
+end up to 1 s late (``core/heartbeat.py``).
 
 The next flow on a site also marks a dead holder's runs Crashed at once
 (``core.guard``); this covers the runs no later flow comes after.
@@ -18,8 +20,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from core.heartbeat import HEARTBEAT_SECONDS
+
 AUTOMATION_NAME = "olab: crash flow runs that stopped sending heartbeats"
-HEARTBEAT_SECONDS = 30
 # Three heartbeats missed: a process busy in a long C call still gets its heartbeat thread
 # scheduled well within that (the GIL is released in I/O and in the C code olab calls).
 DETECT_WITHIN_SECONDS = 3 * HEARTBEAT_SECONDS
@@ -28,10 +31,11 @@ _ENDS = ("Completed", "Failed", "Cancelled", "Crashed")
 
 
 def settings() -> dict:
-    """The Prefect settings olab's commands (and the runs they start) run with."""
+    """The Prefect settings olab's commands (and the runs they start) run with: no heartbeat
+    from Prefect's engine; the lifecycle guard sends it (core/heartbeat.py)."""
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-    return {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: HEARTBEAT_SECONDS}
+    return {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
 
 
 def automation():

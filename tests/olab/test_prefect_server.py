@@ -292,17 +292,21 @@ def test_a_stale_record_is_replaced_without_a_hang(make_site, env, servers, slee
     assert recorded_pid() not in (sleeper.pid, replaced.pid) and prefect_server.running() is not None
 
 
-# A flow whose process the test kills outright, run with olab's Prefect settings.
+# A flow whose process the test kills outright, run with olab's Prefect settings: as every
+# lifecycle flow, it does its work holding its site's guard, which sends its heartbeats.
 DOOMED = """
 import pathlib, sys, time
 from prefect import flow
 from prefect.runtime import flow_run
+from core.config import load_site
+from core.guard import site_guard
 from olab import prefect_server
 
 @flow(name="doomed")
 def doomed():
-    pathlib.Path(sys.argv[1]).write_text(str(flow_run.id))
-    time.sleep(600)
+    with site_guard(load_site("local")):
+        pathlib.Path(sys.argv[1]).write_text(str(flow_run.id))
+        time.sleep(600)
 
 with prefect_server.using(prefect_server.running()):
     doomed()
