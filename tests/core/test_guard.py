@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -282,6 +282,87 @@ def test_an_unreachable_prefect_server_only_warns(make_site, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("may not show its lifecycle lock as taken" in w for w in warnings), warnings
     assert any("may not show its lifecycle lock as free" in w for w in warnings), warnings
+
+
+class BusyPrefect:
+    """A Prefect API on loopback that answers the mirror's calls as Prefect's server does
+    (the limit from Prefect's own response type), but 503 to the first ``busy`` writes, as a
+    SQLite server does while another write holds the database."""
+
+    def __init__(self, name: str, busy: int):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from uuid import uuid4
+
+        from prefect.client.schemas.objects import CsrfToken
+        from prefect.client.schemas.responses import GlobalConcurrencyLimitResponse
+
+        now = datetime.now(UTC)
+        limit = GlobalConcurrencyLimitResponse(id=uuid4(), created=now, updated=now, active=True, name=name,
+                                               limit=1, active_slots=0, slot_decay_per_second=0.0)
+        body = limit.model_dump_json().encode()
+        # The client asks for a CSRF token before its first write.
+        csrf = CsrfToken(id=uuid4(), created=now, updated=now, token="t", client="c",
+                         expiration=now + timedelta(hours=1)).model_dump_json().encode()
+        fake = self
+        self.writes: list[int] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status: int, payload: bytes = b"") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):
+                if self.path.startswith("/api/csrf-token"):
+                    self._answer(200, csrf)
+                elif self.path.endswith(f"/v2/concurrency_limits/{name}"):
+                    self._answer(200, body)
+                else:
+                    self._answer(404, b'{"detail": "Not Found"}')
+
+            def do_PATCH(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                status = 503 if len(fake.writes) < busy else 204
+                fake.writes.append(status)
+                self._answer(status, b'{"exception_message": "Service Unavailable"}' if status == 503 else b"")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/api"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("busy, shown", [(3, True), (20, False)])
+def test_a_busy_server_is_retried_at_once_and_never_ends_the_flow(make_site, caplog, busy, shown):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import core.guard
+
+    _, site = _site(make_site, f"busy-{busy}")
+    caplog.set_level("INFO", logger="olab")
+    fake = BusyPrefect(limit_name(site), busy)
+    try:
+        with temporary_settings({PREFECT_API_URL: fake.url}), site_guard(site):
+            taken = list(fake.writes)
+    finally:
+        fake.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if shown:
+        # Three 503s, then the lock shown taken; and shown free at the first try.
+        assert taken == [503, 503, 503, 204] and fake.writes == taken + [204]
+        assert not warnings
+    else:
+        # A server busy past every try: one warning each way, the flow goes on.
+        assert taken == [503] * core.guard.MIRROR_ATTEMPTS
+        assert any("may not show its lifecycle lock as taken" in w and "503" in w for w in warnings), warnings
 
 
 # --- With a Prefect server ------------------------------------------------------------
