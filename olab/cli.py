@@ -336,6 +336,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     if args.action == "stop":
         done = prefect_server.stop()
+        if done.warm_stopped:
+            print(f"stopped olab's warm process (pid {done.warm.pid}); commands running in it go on")
         if done.stopped:
             print(f"stopped olab's Prefect server at {done.server.ui} (pid {done.server.pid})")
         elif done.server:
@@ -347,6 +349,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     server = prefect_server.read_record()
     if server is None:
         print(f"olab's Prefect server: not running (the next flow command starts it); home {prefect_server.folder()}")
+        _print_warm_status()
         return EXIT_FAILED
     from core.runner import pid_alive
 
@@ -359,7 +362,24 @@ def cmd_server(args: argparse.Namespace) -> int:
     print(f"  since    {server.started_at.astimezone():%Y-%m-%d %H:%M:%S}")
     print(f"  healthy  {'yes' if healthy else 'no'}")
     print(f"  log      {prefect_server.log_file()}")
+    _print_warm_status()
     return EXIT_OK if healthy else EXIT_FAILED
+
+
+def _print_warm_status() -> None:
+    from olab import prefect_server, warm
+
+    found = prefect_server.warm_running()
+    if warm.disabled():
+        print(f"olab's warm process: off ({warm.NO_WARM_VARIABLE} is set: every command runs in its own process)")
+    elif found is None:
+        print("olab's warm process: not running (the next command that runs a flow starts it as it ends)")
+    else:
+        print("olab's warm process: " + ("running (commands that run flows start in it)" if found.ready
+                                         else "starting (importing; commands run in their own process until it is ready)"))
+        print(f"  pid      {found.pid}")
+        print(f"  since    {found.started_at.astimezone():%Y-%m-%d %H:%M:%S}")
+        print(f"  log      {prefect_server.warm_log_file()}")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -443,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "site"):
         args.site = "local"
     handler = COMMANDS[args.command][0]
+    from olab import prefect_server
     from olab.prefect_server import PrefectServerError
 
     try:
@@ -454,6 +475,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PrefectServerError as exc:
         _err(f"olab {args.command}: {exc}")
         return EXIT_FAILED
+    finally:
+        # The next command gets a warm process (olab.warm) if this one used olab's server;
+        # started as this one ends, so that it competes with no command's work.
+        prefect_server.start_warm()
 
 
 if __name__ == "__main__":

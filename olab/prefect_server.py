@@ -10,7 +10,10 @@ the server through its environment, never argv). Everything lives in ``$OLAB_HOM
 - ``credential``: the login (``olab credentials`` shows it);
 - ``server.json``: the record (url, pid, port, started_at) of the running server;
 - ``server.log``: its log; ``home/``: its PREFECT_HOME; ``start.lock``: taken while starting
-  or stopping it, so two commands at once never start two servers.
+  or stopping it, so two commands at once never start two servers;
+- ``warm.json``, ``warm.log``, ``warm.sock``, ``warm.lock``: the warm process (``olab.warm``),
+  started in the background when a command that ran a flow on this server ends, so that the
+  next commands are fast; stopped with the server.
 
 A record whose pid is gone, is not our server (pid reuse: checked by its command line and
 working folder), or does not answer ``/api/health`` is stale: it is replaced, and only a
@@ -36,7 +39,7 @@ from pathlib import Path
 
 from core.config import olab_home
 from core.files import write_json
-from core.runner import pid_alive, register_secrets, start_background, stop_process
+from core.runner import ToolMissing, pid_alive, register_secrets, start_background, stop_process
 
 DEFAULT_PORT = 4200
 START_ATTEMPTS = 3  # ports tried when another process takes the chosen one as the server starts
@@ -144,14 +147,17 @@ def _api_url(port: int) -> str:
 def is_ours(pid: int, port: int) -> bool:
     """Whether ``pid`` is the Prefect server this olab home started on ``port``, and not a
     process that got its pid later: by its command line and its working folder."""
+    return _runs_here(pid, ["-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)])
+
+
+def _runs_here(pid: int, wanted: list[str]) -> bool:
+    """Whether ``pid``'s command line holds ``wanted`` and it works in this olab home's folder."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
     except OSError:
         return False
-    words = [a.decode(errors="replace") for a in argv]
-    wanted = ["-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    return _contains(words, wanted) and cwd == folder()
+    return _contains([a.decode(errors="replace") for a in argv], wanted) and cwd == folder()
 
 
 def _contains(words: list[str], wanted: list[str]) -> bool:
@@ -246,8 +252,10 @@ def ensure_started(port: int | None = None) -> tuple[PrefectServer, bool]:
 
     ``port`` is the one to start it on (default 4200); when that one is taken by something
     else, any free port (the record says which)."""
+    global _used
     found = running()
     if found:
+        _used = found
         return found, False
     with _start_lock():
         # Another command may have started it while this one waited, or been killed while
@@ -258,7 +266,8 @@ def ensure_started(port: int | None = None) -> tuple[PrefectServer, bool]:
         if recorded and pid_alive(recorded.pid) and is_ours(recorded.pid, recorded.port):
             stop_process(recorded.pid, grace_seconds=10)  # ours, but hung: never a pid's new owner
         record_file().unlink(missing_ok=True)
-        return _start(port or DEFAULT_PORT), True
+        _used = _start(port or DEFAULT_PORT)
+        return _used, True
 
 
 def _start(wanted: int) -> PrefectServer:
@@ -318,19 +327,107 @@ def _start_on(port: int, auth: str) -> PrefectServer:
 class Stopped:
     server: PrefectServer | None  # the record there was, if any
     stopped: bool  # whether a server of ours was running and is stopped now
+    warm: WarmProcess | None = None  # the warm process's record there was, if any
+    warm_stopped: bool = False  # whether it was running and is stopped now
 
 
 def stop() -> Stopped:
-    """Stop the recorded server by its pid if it is ours; the record goes either way."""
+    """Stop the recorded server and warm process by their pids if they are ours; the records
+    go either way. Commands running in the warm process go on (each in a session of its own)."""
     if not folder().is_dir():
         return Stopped(server=None, stopped=False)
     with _start_lock():
+        warm, warm_was = _stop_warm()
         server = read_record()
         was = bool(server and pid_alive(server.pid) and is_ours(server.pid, server.port))
         if was:
             stop_process(server.pid)
         record_file().unlink(missing_ok=True)
-        return Stopped(server=server, stopped=was)
+        return Stopped(server=server, stopped=was, warm=warm, warm_stopped=warm_was)
+
+
+# --- the warm process (olab.warm) ------------------------------------------------------------
+
+WARM_ARGV = ["-P", "-m", "olab.warm"]
+# olab's server, when this process's command used it (ensure_started): as the command ends,
+# start_warm starts a warm process for it (which checks for itself that the server runs).
+_used: PrefectServer | None = None
+
+
+@dataclass(frozen=True)
+class WarmProcess:
+    pid: int
+    started_at: datetime
+    server_pid: int  # the Prefect server it was made for: it exits when that one is gone
+    ready: bool  # False while it imports (its record is written first, so that stop finds it)
+
+
+def warm_record_file() -> Path:
+    from olab import warm
+
+    return folder() / warm.RECORD_NAME
+
+
+def warm_log_file() -> Path:
+    return folder() / "warm.log"
+
+
+def read_warm_record() -> WarmProcess | None:
+    try:
+        data = json.loads(warm_record_file().read_text())
+        return WarmProcess(pid=int(data["pid"]), started_at=datetime.fromisoformat(data["started_at"]),
+                           server_pid=int(data["server_pid"]), ready=data["ready"] is True)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def write_warm_record(process: WarmProcess) -> None:
+    write_json(warm_record_file(), {"pid": process.pid, "started_at": process.started_at.isoformat(),
+                                    "server_pid": process.server_pid, "ready": process.ready}, mode=0o600)
+
+
+def warm_is_ours(pid: int) -> bool:
+    """Whether ``pid`` is this olab home's warm process (not a process that got its pid later)."""
+    return _runs_here(pid, WARM_ARGV)
+
+
+def warm_running() -> WarmProcess | None:
+    """The recorded warm process if it is alive and ours; else None."""
+    found = read_warm_record()
+    return found if found and pid_alive(found.pid) and warm_is_ours(found.pid) else None
+
+
+def start_warm() -> int | None:
+    """Start the warm process in the background, made for the server this process's command
+    used, unless there was none, one runs (or is starting), or OLAB_NO_WARM is set: its pid,
+    else None. It never waits for it: the warm process takes seconds to import, and a command
+    that started it does not wait, nor compete with it, since it starts as the command ends."""
+    from olab import warm
+
+    global _used
+    used, _used = _used, None  # once per use: a later command in this process starts its own
+    if used is None or warm.disabled() or not folder().is_dir() or warm.lock_held(folder()):
+        return None
+    # Its own session and a 0077 umask (start_background): what it writes is private. It
+    # takes the lock itself; of two started at once, the second finds it taken and exits.
+    try:
+        pid = start_background([sys.executable, *WARM_ARGV], cwd=folder(), log_file=warm_log_file())
+        # Recorded now, not only once it has taken its lock: a command right after this one
+        # then finds it starting and waits for it (olab.warm).
+        write_warm_record(WarmProcess(pid=pid, started_at=datetime.now(timezone.utc), server_pid=used.pid, ready=False))
+    except (OSError, ToolMissing) as exc:  # the next command runs in-process: slower, not wrong
+        print(f"olab: could not start the warm process: {exc}", file=sys.stderr)
+        return None
+    return pid
+
+
+def _stop_warm() -> tuple[WarmProcess | None, bool]:
+    found = read_warm_record()
+    was = bool(found and pid_alive(found.pid) and warm_is_ours(found.pid))
+    if was:
+        stop_process(found.pid, grace_seconds=10)
+    warm_record_file().unlink(missing_ok=True)
+    return found, was
 
 
 def configured_api() -> str | None:

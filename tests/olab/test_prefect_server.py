@@ -56,9 +56,10 @@ def servers(home):
 
 @pytest.fixture
 def env(home, tmp_path) -> dict[str, str]:
-    """The environment of an operator's shell: no Prefect setting, this test's olab home."""
+    """The environment of an operator's shell: no Prefect setting, this test's olab home; and
+    no warm process (tests/olab/test_warm.py tests it; here it would only import for nothing)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    return clean | {"OLAB_HOME": str(home), "PREFECT_HOME": str(tmp_path / "client-prefect-home")}
+    return clean | {"OLAB_HOME": str(home), "PREFECT_HOME": str(tmp_path / "client-prefect-home"), "OLAB_NO_WARM": "1"}
 
 
 def olab(env: dict[str, str], *argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
