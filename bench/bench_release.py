@@ -13,7 +13,8 @@ result cache cleared, no hub running, a fresh site runtime with free ports):
   ``discover_labs``/``stage_lab``, ``run_labs.fn`` (one lab runner, 2 labs at a time),
   ``hub_spec`` + ``LocalPlatform.plan_hub``, then the steps of
   ``LocalPlatform.apply_hub`` with ``tasks.local_hub.apply_hub.fn``,
-  ``health_check.fn``;
+  ``health_check.fn`` with ``flows.deploy_hub._in_browser`` (the browser's look) when the
+  site has ``labs.browser_check`` on, as ``check_hub`` calls it;
 - flow: ``flows.release.release(site=...)``.
 
 Then, on the same site with its hub still running, each side runs again with
@@ -61,6 +62,7 @@ def plain_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[
     from tasks.hub_api import health_check
     from tasks.local_hub import apply_hub, config_hash, hub_template, proxy_command, render_settings
     from tasks.notebooks import cached_result, discover_labs, run_labs, stage_lab, store_result
+    from flows.deploy_hub import _in_browser
     from tasks.python_env import find_environment, venv_tag
 
     mark = time.perf_counter()
@@ -115,7 +117,10 @@ def plain_release(site_path: Path, phases: dict[str, float], labs_seconds: dict[
     phase("deploy")
 
     # The health check on the live hub, recorded like check_hub does.
-    report = health_check.fn(platform.hub_access(), settings.health_check_lab, float(site.config.hub.start_timeout_seconds))
+    # With the browser's look at the lab when the site has it on (labs.browser_check, on by
+    # default), as check_hub does: the same Chromium check, called as a plain function.
+    look = _in_browser(site) if settings.browser_check else None
+    report = health_check.fn(platform.hub_access(), settings.health_check_lab, float(site.config.hub.start_timeout_seconds), look)
     update_state(site, health=report)
     if not report.ok:
         raise RuntimeError(f"health check failed: {report.checks}")
