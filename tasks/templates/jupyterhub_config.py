@@ -186,24 +186,16 @@ if settings["spawner"] == "docker":
                 self.log.warning("network %s of %s stays: %s", self.network_name, self.user.name, exc)
 
     def _token_file(name):
-        if "/" in name or name in (".", ".."):
-            raise ValueError(f"user name {name!r} cannot name a token file")
-        return Path(settings["tokens"]) / name
+        return Path(settings["tokens"]) / _file_name(name, "a token file")
 
     def _write_token(name, token):
         tokens = Path(settings["tokens"])
         tokens.mkdir(mode=0o711, exist_ok=True)
-        path = _token_file(name)
-        tmp = tokens / f".{name}.{os.urandom(6).hex()}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd = os.open(tokens, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            with os.fdopen(fd, "w") as out:
-                out.write(token)
-                os.fchown(out.fileno(), settings["home_uid"], settings["home_uid"])
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            _write_over(fd, _file_name(name, "a token file"), token.encode(), settings["home_uid"], 0o600)
+        finally:
+            os.close(fd)
 
     c.JupyterHub.spawner_class = OlabDockerSpawner
     c.JupyterHub.hub_ip = settings["gateway"]
@@ -265,21 +257,32 @@ def _own_tree(fd, uid):
             os.chown(name, uid, uid, dir_fd=dir_fd, follow_symlinks=False)
 
 
-def _replace_at(dir_fd, name, content, uid, log):
+def _file_name(name, what):
+    """A user's name as a file's name in a folder of olab's, or ValueError."""
+    if "/" in name or name in (".", ".."):
+        raise ValueError(f"user name {name!r} cannot name {what}")
+    return name
+
+
+def _write_over(dir_fd, name, content, uid, mode, log=None):
     """Put ``content`` at ``name`` in ``dir_fd`` in place of whatever is there: written to a
-    new file first (O_EXCL, no link followed), then renamed over the name, which replaces a
-    link the student put there rather than writing through it. A folder of that name stays
-    (said in the hub's log): the student's start goes on without the fresh page."""
+    new file first (O_EXCL, no link followed, ``mode``, owned by ``uid`` if given), then renamed
+    over the name, which replaces a link put there rather than writing through it. With
+    ``log`` (the lab index in a student's labs), a failure once the new file exists, a folder
+    of that name for one, is said in the hub's log and the student's start goes on without
+    the fresh page; else it is raised."""
     tmp = ".%s.olab-%s" % (name, os.urandom(6).hex())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=dir_fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(content)
             if uid is not None:
                 os.fchown(out.fileno(), uid, uid)
         os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except OSError as exc:
+    except BaseException as exc:
         os.unlink(tmp, dir_fd=dir_fd)
+        if log is None or not isinstance(exc, OSError):
+            raise
         log.warning("labs/%s not refreshed: %s", name, exc)
 
 
@@ -289,18 +292,17 @@ def _give_labs(spawner):
     container's user, as it would own its volume. The lab index is olab's page, not student
     work: it is written again at every start, so it lists the labs of this release."""
     uid = settings["home_uid"] if settings["spawner"] == "docker" else None
-    if "/" in spawner.user.name or spawner.user.name in (".", ".."):
-        raise ValueError(f"user name {spawner.user.name!r} cannot name a home folder")
+    name = _file_name(spawner.user.name, "a home folder")
     homes = os.open(settings["homes"], os.O_RDONLY | os.O_DIRECTORY)
     try:
-        home = _dir_at(homes, spawner.user.name, uid)
+        home = _dir_at(homes, name, uid)
         try:
             labs = _dir_at(home, "labs", uid)
             try:
                 for lab in sorted(Path(settings["labs"]).glob("*.ipynb")):
                     content = lab.read_bytes()
                     if json.loads(content).get("metadata", {}).get("olab", {}).get("index"):
-                        _replace_at(labs, lab.name, content, uid, spawner.log)
+                        _write_over(labs, lab.name, content, uid, 0o644, spawner.log)
                         continue
                     try:
                         fd = os.open(lab.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=labs)
