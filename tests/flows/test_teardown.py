@@ -290,16 +290,21 @@ def test_deploy_and_teardown_started_together_do_not_interleave(live_site):
         t.start()
     for t in threads:
         t.join(300)
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.logging.handlers import APILogWorker
 
     APILogWorker.drain_all(timeout=10)
     with get_client(sync_client=True) as client:
-        runs = [
-            r for r in client.read_flow_runs(limit=200)
-            if r.parameters.get("site") == str(path) and client.read_flow(r.flow_id).name in ("deploy-hub", "teardown")
-        ]
-        runs = sorted(runs, key=lambda r: r.expected_start_time)[-2:]
+        # The newest runs of the two flows: the session's server holds hundreds of runs by now,
+        # and its default order (by random id) would leave these out of a page of 200.
+        newest = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["deploy-hub", "teardown"])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=20,
+        )
+        runs = [r for r in newest if r.parameters.get("site") == str(path)][:2]
+        assert len(runs) == 2, [(r.name, r.parameters) for r in newest]
         spans = []
         for run in runs:
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
