@@ -17,7 +17,15 @@ from core.platform import Platform
 from core.state import load_state, update_state
 from flows._common import health_markdown, open_site, publish, publish_plan
 from tasks.browser import chromium, screenshot_path, view_dashboard
-from tasks.hub_api import HEALTH_USER, health_check
+from tasks.hub_api import (
+    HEALTH_USER,
+    health_user_login,
+    log_checks,
+    render_in_voila,
+    start_test_server,
+    stop_after_failure,
+    stop_test_server,
+)
 from tasks.notebooks import discover_labs
 
 
@@ -49,21 +57,36 @@ def _in_browser(site: Site) -> Callable[[UserLogin], Check]:
 def check_hub(site: Site, platform: Platform) -> HealthReport:
     """The health check on the live hub, recorded in the site's state; a failure says what
     the target saw of the test user's server (its pod's events, the hub's log), or what a
-    student's browser showed of the lab (the report, with its screenshot, is published)."""
+    student's browser showed of the lab (the report, with its screenshot, is published).
+
+    Once the test user's server is up, the two looks at the lab run at once: Voilà's page
+    through the API as a task on the flow's task runner, the student's browser in this
+    thread (each renders the lab in a kernel of its own); then the server is stopped."""
     browser = site.config.labs.browser_check
     if browser:
         chromium()  # a machine without the browser is told so before the hub is asked anything
+    access = platform.hub_access()
+    lab, timeout = site.config.labs.health_check_lab, float(site.config.hub.start_timeout_seconds)
     try:
-        report = health_check(
-            platform.hub_access(), site.config.labs.health_check_lab, float(site.config.hub.start_timeout_seconds),
-            _in_browser(site) if browser else None,
-        )
+        checks = start_test_server(access, timeout)
+        render = render_in_voila.submit(access, lab, timeout)
+        try:
+            if browser:
+                with health_user_login(access, timeout) as login:
+                    look = _in_browser(site)(login)
+            else:
+                look = Check(name=BROWSER_CHECK, ok=True, detail="off (labs.browser_check: false in the site file)")
+            checks += [render.result(), look]
+        except Exception:
+            render.wait()  # the server stays up until both have finished with it
+            stop_after_failure(access)
+            raise
+        checks.append(stop_test_server(access, timeout))
     except Exception as exc:
         seen = platform.spawn_report(HEALTH_USER)
         raise HealthCheckFailed(f"{exc}" + ("; the test user's server: " + " | ".join(seen) if seen else "")) from None
-    if not browser:
-        off = Check(name=BROWSER_CHECK, ok=True, detail="off (labs.browser_check: false in the site file)")
-        report = report.model_copy(update={"checks": [*report.checks, off]})
+    log_checks(checks)
+    report = HealthReport(hub_url=access.url, checks=checks)
     update_state(site, health=report)
     if not report.ok:
         failed = next(c for c in report.checks if not c.ok)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from urllib.parse import quote
 
@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import SecretStr
 
 from core.logs import task_logger
-from core.models import Check, HealthReport, HubAccess, UserLogin
+from core.models import Check, HubAccess, UserLogin
 from core.retry import TransientError, retry_options
 
 HEALTH_USER = "olab-health"
@@ -150,16 +150,23 @@ def _timed(checks: list[Check], name: str, step) -> object:
     return detail
 
 
-@task(name="hub-health-check", cache_policy=NO_CACHE, **retry_options(retries=2))
-def health_check(
-    access: HubAccess, lab: str, timeout: float, look: Callable[[UserLogin], Check] | None = None
-) -> HealthReport:
-    """Create a test user, start their server, render a lab in Voilà, stop it.
+def _stop_after_failure(api: HubAPI) -> None:
+    try:
+        api.stop_server(HEALTH_USER, 30)
+    except Exception as cleanup:  # report the first failure, not the cleanup's
+        task_logger().warning("could not stop %s's server after a failed check: %s", HEALTH_USER, cleanup)
 
-    ``look``, when given, runs while the server is up with a short-lived token of the test
-    user's (how the caller's browser logs in); the check it returns joins the report, passed
-    or not (the report says what failed; the caller decides what a failure means)."""
-    logger = task_logger()
+
+# The health check, in steps a flow can run side by side: the test user's server is started,
+# the lab is looked at (Voilà's page through the API; a browser, the caller's, with
+# ``health_user_login``), the server is stopped. A step that fails raises, with its check's
+# detail as the message; a failed start stops what it started, and ``stop_after_failure``
+# is the caller's clean-up when a later step fails.
+
+
+@task(name="start-test-server", cache_policy=NO_CACHE, **retry_options(retries=2))
+def start_test_server(access: HubAccess, timeout: float) -> list[Check]:
+    """The hub's API answers, the test user exists, their server starts and answers."""
     checks: list[Check] = []
     with HubAPI.of(access) as api:
         try:
@@ -171,27 +178,52 @@ def health_check(
                 "server status",
                 lambda: "last activity " + str(api.get_user_page(HEALTH_USER, "api/status", 30).json().get("last_activity")),
             )
-
-            def render() -> str:
-                page = api.get_user_page(HEALTH_USER, f"voila/render/labs/{quote(lab)}.ipynb", timeout)
-                widgets = page.text.count(WIDGET_MIME)
-                if widgets == 0:
-                    raise HubError(f"Voilà rendered labs/{lab}.ipynb without any widget")
-                return f"labs/{lab}.ipynb: {len(page.content)} bytes, {widgets} widget views"
-
-            _timed(checks, "render lab in Voilà", render)
-            if look is not None:
-                # Long enough for the slowest page the caller waits for; deleted when it is done.
-                lifetime = int(3 * timeout) + 120
-                with api.user_token(HEALTH_USER, lifetime, "olab health check: a browser as the test user") as token:
-                    checks.append(look(UserLogin(hub_url=access.url, user=HEALTH_USER, token=token)))
-            _timed(checks, "stop server", lambda: api.stop_server(HEALTH_USER, timeout))
         except Exception:
-            try:
-                api.stop_server(HEALTH_USER, 30)
-            except Exception as cleanup:  # report the first failure, not the cleanup's
-                logger.warning("could not stop %s's server after a failed check: %s", HEALTH_USER, cleanup)
+            _stop_after_failure(api)
             raise
+    return checks
+
+
+@task(name="render-lab-in-voila", cache_policy=NO_CACHE, **retry_options(retries=2))
+def render_in_voila(access: HubAccess, lab: str, timeout: float) -> Check:
+    """The test user's server renders the lab as a Voilà dashboard with its widgets."""
+
+    def render() -> str:
+        page = api.get_user_page(HEALTH_USER, f"voila/render/labs/{quote(lab)}.ipynb", timeout)
+        widgets = page.text.count(WIDGET_MIME)
+        if widgets == 0:
+            raise HubError(f"Voilà rendered labs/{lab}.ipynb without any widget")
+        return f"labs/{lab}.ipynb: {len(page.content)} bytes, {widgets} widget views"
+
+    checks: list[Check] = []
+    with HubAPI.of(access) as api:
+        _timed(checks, "render lab in Voilà", render)
+    return checks[0]
+
+
+@contextmanager
+def health_user_login(access: HubAccess, timeout: float) -> Iterator[UserLogin]:
+    """How a browser logs in as the test user: a token of theirs for their server only, long
+    enough for the slowest page the caller waits for, deleted when the block ends."""
+    with HubAPI.of(access) as api, api.user_token(HEALTH_USER, int(3 * timeout) + 120, "olab health check: a browser as the test user") as token:
+        yield UserLogin(hub_url=access.url, user=HEALTH_USER, token=token)
+
+
+@task(name="stop-test-server", cache_policy=NO_CACHE, **retry_options(retries=2))
+def stop_test_server(access: HubAccess, timeout: float) -> Check:
+    checks: list[Check] = []
+    with HubAPI.of(access) as api:
+        _timed(checks, "stop server", lambda: api.stop_server(HEALTH_USER, timeout))
+    return checks[0]
+
+
+def stop_after_failure(access: HubAccess) -> None:
+    """The test user's server stopped after a failed step (a failure to stop it is logged)."""
+    with HubAPI.of(access) as api:
+        _stop_after_failure(api)
+
+
+def log_checks(checks: list[Check]) -> None:
+    logger = task_logger()
     for check in checks:
         logger.info("%-20s %-3s %5.1fs  %s", check.name, "ok" if check.ok else "NO", check.seconds, check.detail)
-    return HealthReport(hub_url=access.url, checks=checks)

@@ -625,3 +625,8 @@ def test_a_failed_health_check_says_what_the_test_users_pod_went_through(lab):
     message = str(failed)
     assert "health check" in message.lower() or "without any widget" in message
     assert f"pod {pod}: Pending" in message and "Insufficient memory" in message
+    # The browser's look ran beside the failed render; then the test user's server was
+    # stopped and the browser's token deleted all the same.
+    assert lab.hub.users["olab-health"]["servers"] == {} and lab.hub.tokens == {}
+    assert ("DELETE", "/hub/api/users/olab-health/server") in lab.hub.requests
+    assert any(path.startswith("/hub/api/users/olab-health/tokens/") for method, path in lab.hub.requests if method == "DELETE")

@@ -241,6 +241,25 @@ def test_deploy_hub_records_the_browser_check_and_its_screenshot(site, user_imag
     assert outcome.is_completed(), outcome
     (artifact,) = [a for a in artifacts([run]) if a.key == f"{the_site.name}-deploy-hub"]
     assert f"| {BROWSER_CHECK} | yes |" in artifact.data and f"([screenshot]({shot.as_uri()}))" in artifact.data
+    # Voilà's render through the API and the browser's look ran at the same time, each a task
+    # run of the flow; the test user's server was stopped after both.
+    spans = task_spans(run)
+    (render,), (look,), (stop,) = spans["render-lab-in-voila"], spans["dashboard-in-browser"], spans["stop-test-server"]
+    assert render[0] < look[1] and look[0] < render[1], f"not at the same time: render {render}, browser {look}"
+    assert stop[0] >= max(render[1], look[1])
+
+
+def task_spans(flow_run_id) -> dict[str, list[tuple]]:
+    """A flow run's task runs by task name: (start, end) of each."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    spans: dict[str, list[tuple]] = {}
+    for run in runs:
+        spans.setdefault(run.name.rsplit("-", 1)[0], []).append((run.start_time, run.end_time))
+    return spans
 
 
 def record_user_tokens(monkeypatch) -> list[str]:
