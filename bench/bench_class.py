@@ -19,7 +19,10 @@ One run measures, in each of ``--rounds`` rounds (the order of the two hubs alte
       the class-start block of ``tasks/templates/jupyterhub_config.py`` cut out (JupyterHub's
       and DockerSpawner's defaults, the spawn timeouts from the site) and the proxy as
       installed (the ``configurable-http-proxy`` console script, i.e. tornado's default 10
-      requests in flight; not ``tasks/proxy.py``).
+      requests in flight; not ``tasks/proxy.py``);
+    - **olab-hub-waits** (only with ``--variants``): olab's hub with JupyterHub's own waits
+      for a started server (random, growing to 5 s apart) instead of the start's quick look
+      at its port: olab before commit 2dee6fc.
 
     A student whose start is refused (any answer but 201/202), or whose server fails to
     start (the hub drops it before it is ready), tries again at once, at most
@@ -81,18 +84,34 @@ def without_class_block(template: str) -> str:
     return cut
 
 
+# olab-hub-waits: olab's hub as it was before commit 2dee6fc, which JupyterHub's own growing
+# waits (up to 5 s apart) found a started server with, rather than the start's quick look.
+SITE_CODES = {"olab": "o", "baseline": "b", "olab-hub-waits": "w"}
+SEEN_AT_ONCE = "c.JupyterHub.spawner_class = _seen_at_once(_booting_in_turns(c.JupyterHub.spawner_class))"
+
+
+def with_jupyterhubs_wait(template: str) -> str:
+    if template.count(SEEN_AT_ONCE) != 1:
+        raise SystemExit(f"the hub template has no single line '{SEEN_AT_ONCE}' to undo")
+    return template.replace(SEEN_AT_ONCE, "c.JupyterHub.spawner_class = _booting_in_turns(c.JupyterHub.spawner_class)")
+
+
 @contextmanager
 def hub_variant(variant: str):
     """olab's hub as configured, or the baseline: the same deploy path, with the template and
-    the proxy command that ``LocalPlatform`` renders swapped for the ones from before."""
+    the proxy command that ``LocalPlatform`` renders swapped for the ones from before (for
+    olab-hub-waits, only the template's one line above)."""
     from tasks import local_hub
 
     if variant == "olab":
         yield
         return
     template, proxy = local_hub.hub_template, local_hub.proxy_command
-    local_hub.hub_template = lambda: without_class_block(template())
-    local_hub.proxy_command = baseline_proxy_command
+    if variant == "olab-hub-waits":
+        local_hub.hub_template = lambda: with_jupyterhubs_wait(template())
+    else:
+        local_hub.hub_template = lambda: without_class_block(template())
+        local_hub.proxy_command = baseline_proxy_command
     try:
         yield
     finally:
@@ -331,7 +350,7 @@ def machine_busy() -> dict:
 def one_class(variant: str, round_no: int, image, args, lab: str) -> dict:
     from core.secrets import SecretStore
 
-    name = f"class{round_no}{variant[0]}"
+    name = f"class{round_no}{SITE_CODES[variant]}"  # a fresh site (own hub database) per round and variant
     site_path = write_site(name, image={"builder": "buildah", "base_image": "debootstrap:bookworm", "registry": args.registry})
     names = [f"student{i:02d}" for i in range(args.students)]
     result: dict = {"variant": variant, "round": round_no}
@@ -406,7 +425,7 @@ def main() -> int:
     parser.add_argument("--renders", type=int, default=10)
     parser.add_argument("--attempts", type=int, default=3, help="starts a student tries before giving up")
     parser.add_argument("--limit", type=float, default=900, help="seconds a class start may take before it is cut off")
-    parser.add_argument("--variants", default="olab,baseline")
+    parser.add_argument("--variants", default="olab,baseline", help="of olab, baseline, olab-hub-waits (olab before the start's quick look)")
     args = parser.parse_args()
     if benchlib.tools_missing(NEEDED):
         return 0
@@ -419,6 +438,8 @@ def main() -> int:
 
     args.registry = f"127.0.0.1:{free_port()}"
     variants = args.variants.split(",")
+    if unknown := [v for v in variants if v not in SITE_CODES]:
+        raise SystemExit(f"no hub variant {', '.join(unknown)}: {', '.join(SITE_CODES)}")
     store = olab_home() / "containers"
     result: dict = {"students": args.students, "renders": args.renders, "attempts": args.attempts,
                     "baseline_proxy": baseline_proxy_command(), "rounds": []}
