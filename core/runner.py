@@ -205,21 +205,45 @@ def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
-        # Reap it if it is our own exited child, so a zombie is not taken for alive.
-        os.waitpid(pid, os.WNOHANG)
+        # Our own child: alive until waitpid reaps it. A process whose first thread has
+        # ended shows as a zombie while its other threads still exit (and may still hold
+        # its ports); waitpid tells the difference, /proc does not.
+        return os.waitpid(pid, os.WNOHANG)[0] == 0
     except ChildProcessError:
-        pass
+        pass  # another process's child: look at it
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    return _state(pid) not in ("Z", None)
+
+
+def _state(pid: int) -> str | None:
+    """One letter from /proc (R, S, D, Z, ...), None if there is no such process."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
     except (OSError, IndexError):
-        return True
-    return state != "Z"
+        return "?"
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` still running (zombies left out: they are gone
+    but for their parent's reaping, which for an orphan is init's)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -233,7 +257,8 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 
 def stop_process(pid: int, *, grace_seconds: float = 20.0) -> bool:
-    """SIGTERM a server (it cleans up its children), then SIGKILL its group.
+    """SIGTERM a server (it cleans up its children), then SIGKILL its group; returns
+    once the server and every process left in its group are gone (or after 5 s more).
 
     Returns True if it was running.
     """
@@ -246,9 +271,16 @@ def stop_process(pid: int, *, grace_seconds: float = 20.0) -> bool:
     deadline = time.monotonic() + grace_seconds
     while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.1)
-    _signal_group(pid, signal.SIGKILL)
+    # What the server started and left behind in its group goes with it. Not by pid
+    # alone once it is gone: its pid may be another process's by now.
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # no group left (or a server that did not lead its own)
+    if pid_alive(pid):
+        os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and pid_alive(pid):
+    while time.monotonic() < deadline and (pid_alive(pid) or group_members(pid)):
         time.sleep(0.05)
     return True
 

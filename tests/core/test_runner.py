@@ -6,6 +6,7 @@ import os
 import stat
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from core.runner import (
     CommandError,
     ServerDidNotStart,
     ToolMissing,
+    group_members,
     pid_alive,
     read_pid_file,
     run,
@@ -60,6 +62,54 @@ def test_background_server_is_stopped_by_pid(tmp_path):
     assert stat.S_IMODE((tmp_path / "log").stat().st_mode) == 0o600
     assert stop_process(pid, grace_seconds=5)
     assert not pid_alive(pid)
+
+
+# A server that leaves a child in its group: the child ignores SIGTERM and outlives it.
+LEAVES_A_CHILD = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+open(sys.argv[1], "w").write(str(child.pid))
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+time.sleep(60)
+"""
+
+# A server whose first thread ends while another still runs (and then exits alone):
+# /proc shows its first thread as a zombie the whole time.
+FIRST_THREAD_ENDS = """
+import ctypes, os, sys, threading, time
+def last(): time.sleep(float(sys.argv[1])); os._exit(0)
+threading.Thread(target=last).start()
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_stopping_a_server_waits_for_what_it_left_in_its_group(tmp_path):
+    child_file = tmp_path / "child"
+    pid = start_background([sys.executable, "-c", LEAVES_A_CHILD, str(child_file)], cwd=tmp_path, log_file=tmp_path / "log")
+    deadline = time.monotonic() + 20
+    while not child_file.exists() or not child_file.read_text():
+        assert time.monotonic() < deadline and pid_alive(pid)
+        time.sleep(0.05)
+    child = int(child_file.read_text())
+    assert sorted(group_members(pid)) == sorted([pid, child])
+    assert stop_process(pid, grace_seconds=5)
+    # Returned: nothing of the group runs any more (the orphaned child may wait for init's reaping).
+    assert not pid_alive(pid) and group_members(pid) == []
+    assert not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_child_is_alive_until_its_last_thread_has_ended(tmp_path):
+    pid = start_background([sys.executable, "-c", FIRST_THREAD_ENDS, "1.5"], cwd=tmp_path, log_file=tmp_path / "log")
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert pid_alive(pid)  # its first thread a zombie, its second still running
+    deadline = time.monotonic() + 20
+    while pid_alive(pid):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists()  # reaped by pid_alive itself, no zombie left
 
 
 def test_secret_store_is_private_and_stable(tmp_path):

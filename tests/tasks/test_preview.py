@@ -192,6 +192,12 @@ def test_preview_serves_the_lab_from_the_image_and_shows_each_edit(user_image, p
     assert preview.token not in stderr
 
 
+def running_in_session(session: str) -> list[str]:
+    """The processes of a session that are not zombies, as `ps` lists them."""
+    listed = run(["ps", "-s", session, "-o", "stat=,pid=,args="], check=False).output.splitlines()
+    return [line for line in listed if line.strip() and not line.split()[0].startswith("Z")]
+
+
 def test_a_venv_image_is_previewed_with_its_own_server(make_site, tmp_path):
     path = make_site("previewvenv", labs=quick_labs(tmp_path / "labs"))
     image = build_image(site=str(path))
@@ -208,11 +214,17 @@ def test_a_venv_image_is_previewed_with_its_own_server(make_site, tmp_path):
         server = run(["pgrep", "-P", str(preview.proc.pid), "-a"]).output.strip().splitlines()
         assert len(server) == 1 and str(image.bin / "jupyter-server") in server[0]
         session = server[0].split()[0]
-        assert run(["pgrep", "-s", session], check=False).output.split()  # the server, and the lab's kernel
+        assert running_in_session(session)  # the server
+        # The lab's kernel, the server's child: it leads a session of its own (jupyter_client's way).
+        children = [line.split() for line in run(["ps", "--ppid", session, "-o", "pid=,sid="], check=False).output.splitlines()]
+        kernels = [pid for pid, sid in children if pid == sid]
+        assert kernels
         preview.proc.send_signal(signal.SIGINT)
         assert preview.proc.wait(timeout=120) == 0
-    # The server and every process it started (the kernel) are gone, and so is the port.
-    assert run(["pgrep", "-s", session], check=False).output.strip() == ""
+    # The server, its kernel and every process they started in their sessions are gone (an orphan's zombie,
+    # waiting for init to reap it, is not a process running), and so is the port.
+    assert running_in_session(session) == []
+    assert [kernel for kernel in kernels if running_in_session(kernel)] == []
     assert not port_in_use("127.0.0.1", preview.port)
 
 
