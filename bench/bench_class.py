@@ -87,7 +87,7 @@ def without_class_block(template: str) -> str:
 # olab-hub-waits: olab's hub as it was before commit 2dee6fc, which JupyterHub's own growing
 # waits (up to 5 s apart) found a started server with, rather than the start's quick look.
 SITE_CODES = {"olab": "o", "baseline": "b", "olab-hub-waits": "w"}
-SEEN_AT_ONCE = "c.JupyterHub.spawner_class = _seen_at_once(_booting_in_turns(c.JupyterHub.spawner_class))"
+SEEN_AT_ONCE = "c.JupyterHub.spawner_class = seen.seen_at_once(_booting_in_turns(c.JupyterHub.spawner_class))"
 
 
 def with_jupyterhubs_wait(template: str) -> str:

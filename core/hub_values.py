@@ -17,17 +17,18 @@ per problem naming the key path. Everything here is pure: no files, no helm.
 
 from __future__ import annotations
 
-import json
-
 import copy
 import difflib
 import hashlib
+import inspect
+import json
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core import seen_at_once
 from core.config import LtiSettings, Site
 from core.models import HubSpec
 
@@ -91,9 +92,14 @@ def lti_launch_admin(authenticator, handler, authentication):
 def lti_admin_hook_code() -> str:
     """The hub's code for the rule: :func:`lti_launch_admin`'s source, wired as the hook. The
     local hub reads it from its settings, the gke hub from ``hub.extraConfig``."""
-    import inspect
-
     return inspect.getsource(lti_launch_admin) + f"\n\nc.Authenticator.post_auth_hook = {lti_launch_admin.__name__}\n"
+
+
+def seen_at_once_code() -> str:
+    """The gke hub's code for a started server seen as soon as it listens: core/seen_at_once.py's
+    source, wrapping the chart's KubeSpawner (Zero-to-JupyterHub runs extraConfig after its own
+    config, which names the spawner). The local hub runs the same source from its settings."""
+    return inspect.getsource(seen_at_once) + "\n\nc.JupyterHub.spawner_class = seen_at_once(c.JupyterHub.spawner_class)\n"
 
 
 def chart_source(site: Site) -> tuple[str, str, str]:
@@ -136,7 +142,8 @@ def z2jh_values(
         # The authenticator is the gate (an LMS launch, or the shared password).
         "Authenticator": {"admin_users": sorted(spec.admins), "allow_all": True},
     }
-    hub: dict[str, Any] = {"config": config}
+    # Each student's server seen as soon as it listens, not up to 5 s later.
+    hub: dict[str, Any] = {"config": config, "extraConfig": {"olab-seen-at-once": seen_at_once_code()}}
     lti = lti or site.config.hub.lti
     if spec.authenticator == "lti":
         lti13: dict[str, Any] = {"uri_scheme": "https"}  # TLS ends at Google's load balancer
@@ -147,7 +154,7 @@ def z2jh_values(
             )
         config["LTI13Authenticator"] = lti13
         # Admin rights from the launch's roles (Zero-to-JupyterHub runs extraConfig after config).
-        hub["extraConfig"] = {"olab-lti-admins": lti_admin_hook_code()}
+        hub["extraConfig"]["olab-lti-admins"] = lti_admin_hook_code()
 
     singleuser: dict[str, Any] = {
         # name:tag@digest: the digest is what runs, the tag is for people reading it.

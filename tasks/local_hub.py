@@ -24,7 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from core import bridges
+from core import bridges, seen_at_once
 from core.config import Site
 from core.files import atomic_write, content_hash, write_json
 from core.hub_values import lti_admin_hook_code
@@ -159,6 +159,8 @@ def render_settings(
         "admins": list(spec.admins),
         "default_url": spec.default_url,
         "start_timeout": spec.start_timeout_seconds,
+        # A started server seen as soon as it listens (the hub runs that module's source).
+        "seen_at_once_code": inspect.getsource(seen_at_once),
         "db_file": str(paths.hub / "jupyterhub.sqlite"),
         "pid_file": str(paths.hub / "jupyterhub.pid"),
         "proxy_pid_file": str(paths.hub / "proxy.pid"),

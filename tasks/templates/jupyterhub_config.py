@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-from urllib.parse import urlsplit
 
 c = get_config()  # noqa: F821
 
@@ -376,49 +375,14 @@ def _booting_in_turns(spawner_class):
     return BootingInTurns
 
 
-# A started server is seen as soon as it listens. JupyterHub looks for it with random waits
-# that grow to 5 s (jupyterhub.utils.exponential_backoff): in a hub log of bench_release, a
-# server that listened 5.4 s after its start was seen 2.1 s later, 2.1 s a student would have
-# waited on the spawn page. The start now returns when its port takes a connection, tried 20
-# times a second, so JupyterHub's first look finds it; the start gives up looking, and leaves
-# the rest to JupyterHub's own wait, when the server has exited, after 30 s, or 5 s before its
-# start_timeout.
-_LOOK_SECONDS = 30.0
-_LOOK_EVERY = 0.05
+# A started server is seen as soon as it listens, not up to 5 s later: core/seen_at_once.py,
+# its source carried by the settings (the gke hub runs the same code).
+import types  # noqa: E402
 
+seen = types.ModuleType("olab_seen_at_once")
+exec(compile(settings["seen_at_once_code"], "core/seen_at_once.py", "exec"), seen.__dict__)
 
-def _seen_at_once(spawner_class):
-    class SeenAtOnce(spawner_class):
-        async def start(self):
-            loop = asyncio.get_running_loop()
-            began = loop.time()
-            where = await maybe_future(super().start())
-            if isinstance(where, tuple):
-                host, port = where
-            else:
-                parts = urlsplit(where)
-                host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-            host = "127.0.0.1" if host in ("", "0.0.0.0") else host
-            deadline = min(loop.time() + _LOOK_SECONDS, began + self.start_timeout - 5)
-            next_poll = loop.time()
-            while loop.time() < deadline:
-                try:
-                    _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1)
-                except (OSError, asyncio.TimeoutError):
-                    if loop.time() >= next_poll:  # once a second: has it exited? (for a container, an API call)
-                        if await maybe_future(self.poll()) is not None:
-                            break
-                        next_poll = loop.time() + 1
-                    await asyncio.sleep(_LOOK_EVERY)
-                    continue
-                writer.close()
-                break
-            return where
-
-    return SeenAtOnce
-
-
-c.JupyterHub.spawner_class = _seen_at_once(_booting_in_turns(c.JupyterHub.spawner_class))
+c.JupyterHub.spawner_class = seen.seen_at_once(_booting_in_turns(c.JupyterHub.spawner_class))
 c.Spawner.pre_spawn_hook = _give_labs
 
 if settings["single_user"]:

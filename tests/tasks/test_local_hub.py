@@ -110,61 +110,10 @@ def test_the_venv_fallback_and_the_demo_mode_let_one_person_in(make_site, tmp_pa
     assert native["authenticator"] == "native" and native["single_user"] is None, "a class: native, on an OCI image"
 
 
-class _Starting:
-    """A spawner's start as JupyterHub sees it: it returns where the server will listen,
-    before the server does; ``poll`` says whether its process still runs."""
-
-    start_timeout = 120
-
-    def __init__(self, listen_after: float | None, exit_code: int | None = None):
-        self.listen_after, self.exit_code, self.polls, self.listener = listen_after, exit_code, 0, None
-
-    async def start(self):
-        import asyncio
-        import socket
-
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-
-        async def listen_later():
-            await asyncio.sleep(self.listen_after)
-            self.listener = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port)
-
-        if self.listen_after is not None:
-            self.later = asyncio.ensure_future(listen_later())
-        return ("127.0.0.1", port)
-
-    def poll(self):
-        self.polls += 1
-        return self.exit_code
-
-
-def test_a_started_server_is_seen_as_soon_as_it_listens(make_site, tmp_path):
-    """The hub's start returns once the server's port takes a connection, so JupyterHub's
-    first look (not one up to 5 s later) finds it; a server that has exited is not waited for."""
-    import asyncio
-
-    site = load_site(str(make_site("r9")))
-    _, scope, _ = hub_config(tmp_path, render(site, VENV))
-    seen_at_once = scope["_seen_at_once"]
-
-    async def started(spawner):
-        where = await spawner.start()
-        try:
-            # Listening when start returned: a connection is taken at once.
-            _, writer = await asyncio.wait_for(asyncio.open_connection(*where), 1)
-            writer.close()
-            listening = True
-        except OSError:
-            listening = False
-        if spawner.listener is not None:
-            spawner.listener.close()
-        return listening
-
-    assert not asyncio.run(started(_Starting(listen_after=0.5))), "the plain start returns before the server listens"
-    assert asyncio.run(started(seen_at_once(_Starting)(listen_after=0.5)))
-    # A server that exited without listening: the start returns when poll says so (well
-    # before its 30 s of looking), and JupyterHub reports the failure as it would.
-    gone = seen_at_once(_Starting)(listen_after=None, exit_code=1)
-    assert not asyncio.run(asyncio.wait_for(started(gone), 10)) and gone.polls == 1
+def test_the_hub_wraps_its_spawner_to_see_a_started_server_at_once(make_site, tmp_path):
+    """core/seen_at_once.py, as the local hub runs it: from its settings, around the spawner
+    that boots in turns (its behaviour: tests/core/test_seen_at_once.py)."""
+    for name, image in (("r9", VENV), ("r10", OCI)):
+        config, _, _ = hub_config(tmp_path, render(load_site(str(make_site(name))), image))
+        spawner = config.JupyterHub.spawner_class
+        assert spawner.__name__ == "SeenAtOnceBootingInTurns" and spawner.start.__qualname__.startswith("seen_at_once.")

@@ -251,7 +251,7 @@ def test_the_admin_rule_is_one_for_both_targets(tmp_path):
 
     site = gke_site(tmp_path)
     values = z2jh_values(site, hub_spec(site, oci_image(site), []), lti=GKE_LTI)
-    assert values["hub"]["extraConfig"] == {"olab-lti-admins": lti_admin_hook_code()}
+    assert values["hub"]["extraConfig"]["olab-lti-admins"] == lti_admin_hook_code()
     from traitlets.config import Config
 
     config = Config()
