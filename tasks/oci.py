@@ -8,8 +8,10 @@ podman runs, and podman's Docker-compatible API (for DockerSpawner) sees it.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -116,11 +118,15 @@ class Engine:
             'runtime = "runc"\n'
             'events_logger = "file"\n',
         )
-        atomic_write(
-            registries,
-            "unqualified-search-registries = []\n"
-            + "".join(f'[[registry]]\nlocation = "{r}"\ninsecure = true\n' for r in insecure_registries),
-        )
+        # The store is every site's of this olab home: a site's registry is added to those
+        # already there, never put in their place (a gke site's build beside a local site's
+        # push, or the hub's pulls, would otherwise lose the local registry's plain HTTP).
+        with open(self.store / "registries.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            before = registries.read_text() if registries.exists() else ""
+            after = registries_conf(before, insecure_registries)
+            if after != before:
+                atomic_write(registries, after)
         self.env = {
             **os.environ,
             "CONTAINERS_STORAGE_CONF": str(storage),
@@ -280,6 +286,14 @@ class Engine:
         with bridges.held() as ledger:
             ledger.free_site(str(self.store), site)
         return containers + networks
+
+
+def registries_conf(current: str, insecure: list[str]) -> str:
+    """containers-registries.conf(5) naming as plain HTTP the registries ``current`` names
+    and those of ``insecure`` (loopback ones, see :func:`insecure_registries`)."""
+    hosts = set(re.findall(r'^location = "([^"]+)"$', current, re.MULTILINE)) | set(insecure)
+    return "unqualified-search-registries = []\n" + "".join(
+        f'[[registry]]\nlocation = "{host}"\ninsecure = true\n' for host in sorted(hosts))
 
 
 def insecure_registries(site) -> list[str]:
