@@ -6,7 +6,8 @@ A restore point is a folder under the site's backup location:
         users/<name>.tar      one archive per user home (plain tar)
         hub.tar.enc           the hub database, the secret store, the site state:
                               tar, encrypted with AES-256-GCM (core.sealing)
-        manifest.json         every file: path, type, size, mode, mtime, owner, sha256;
+        manifest.json         every file: path, type, size, mode, mtime, owner, digest
+                              (XXH3-128; SHA-256 in points written before 2026-12-01);
                               each archive's own SHA-256
         manifest.mac          HMAC-SHA256 of manifest.json by the site's restore key
         COMPLETE              written last, after the archives were verified
@@ -20,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
 # 3: sealed (manifest.mac), the hub state encrypted (hub.tar.enc), archives digested with
 #    SHA-256, modes without setuid/setgid/sticky bits. Points of schema 1 and 2 (no seal) are
@@ -46,7 +47,8 @@ class FileEntry(BaseModel):
     uid: int = 0
     gid: int = 0
     size: int = 0
-    sha256: str | None = None
+    # Hex, by its archive's file_hash; points written before 2026-12-01 call it "sha256".
+    digest: str | None = Field(None, validation_alias=AliasChoices("digest", "sha256"))
     target: str | None = None
 
 
@@ -59,6 +61,8 @@ class ArchiveEntry(BaseModel):
     archive: str
     files: list[FileEntry]
     archive_hash: str  # "algorithm:hex" over every byte of the archive file
+    # Its files' digests: they only name a damaged file once archive_hash has not matched.
+    file_hash: str = "sha256"  # what points written before 2026-12-01 used
     # A fast digest of the same bytes ("xxh3_128:hex"), for teardown's read-back check that the
     # disk kept what was written; restore trusts archive_hash (SHA-256), never this.
     readback_hash: str | None = None

@@ -65,7 +65,7 @@ class Member:
     uid: int = 0
     gid: int = 0
     size: int = 0
-    sha256: str | None = None
+    digest: str | None = None  # hex, of a file's bytes, by the algorithm its reader or writer was given
     target: str | None = None
 
 
@@ -91,10 +91,13 @@ class BlockCipher(Protocol):
 # A fast digest of the same bytes, for teardown's read-back check only (did the disk keep
 # what was written?): what restore trusts is ARCHIVE_HASH in the authenticated manifest.
 READBACK_HASH = "xxh3_128"
+# Each file's digest in the manifest: it only names the damaged file when an archive's
+# ARCHIVE_HASH does not match (which binds every byte), so a fast one, not a second SHA-256.
+FILE_HASH = "xxh3_128"
 
 
 def new_digest(algorithm: str):
-    """A digest object for a manifest's "algorithm:hex" archive hash."""
+    """A digest object for an algorithm a manifest names (an archive's, or its files')."""
     if algorithm == "sha256":
         return hashlib.sha256()
     if algorithm == READBACK_HASH:
@@ -221,7 +224,7 @@ class _Sink:
         if tail:
             self.put(_ZEROS[:tail])
 
-    def copy_file(self, fd: int, size: int, sha) -> int:
+    def copy_file(self, fd: int, size: int, digest) -> int:
         """Read size bytes of fd into the block, hashing them; returns what was read."""
         left = size
         while left:
@@ -231,7 +234,7 @@ class _Sink:
             got = os.readv(fd, [room])
             if got == 0:
                 break
-            sha.update(room[:got])
+            digest.update(room[:got])
             self.used += got
             left -= got
         return size - left
@@ -448,11 +451,11 @@ _START_WRITEBACK = _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes
 
 
 def write(root: Path, archive: Path, include: list[str] | None = None,
-          cipher: BlockCipher | None = None) -> tuple[list[Member], str, str]:
+          cipher: BlockCipher | None = None, file_hash: str = FILE_HASH) -> tuple[list[Member], str, str]:
     """Archive root (or the listed paths below it) into archive, private (0600),
     every block sealed by cipher when one is given.
 
-    Returns the members (every regular file with its SHA-256; modes without
+    Returns the members (every regular file with its ``file_hash`` digest; modes without
     setuid, setgid and sticky bits), the "sha256:<hex>" digest of the file as
     written, and its "xxh3_128:<hex>" (READBACK_HASH) for the read-back check.
     The archive's writeback to disk is started, not waited for:
@@ -477,7 +480,7 @@ def write(root: Path, archive: Path, include: list[str] | None = None,
                 sink.put(header(member))
             elif stat.S_ISREG(mode):
                 member.type = "file"
-                _archive_file(sink, dir_fd, name, member)
+                _archive_file(sink, dir_fd, name, member, file_hash)
             else:
                 continue
             found.append(member)
@@ -491,7 +494,7 @@ def write(root: Path, archive: Path, include: list[str] | None = None,
     return found, f"{ARCHIVE_HASH}:{sink.digest.hexdigest()}", f"{READBACK_HASH}:{sink.readback.hexdigest()}"
 
 
-def _archive_file(sink: _Sink, dir_fd: int, name: str, member: Member) -> None:
+def _archive_file(sink: _Sink, dir_fd: int, name: str, member: Member, file_hash: str) -> None:
     try:
         # O_NONBLOCK: a file swapped for a fifo since the walk must not hang the teardown;
         # O_NOFOLLOW: nor one swapped for a symlink lead it elsewhere.
@@ -504,13 +507,13 @@ def _archive_file(sink: _Sink, dir_fd: int, name: str, member: Member) -> None:
             raise ArchiveError(f"{member.path}: changed while being archived")
         member.mode, member.uid, member.gid = stat.S_IMODE(st.st_mode) & MODE_BITS, st.st_uid, st.st_gid
         member.size, member.mtime_ns = st.st_size, st.st_mtime_ns
-        sha = hashlib.sha256()
+        digest = new_digest(file_hash)
         sink.put(header(member))
-        got = sink.copy_file(fd, st.st_size, sha)
+        got = sink.copy_file(fd, st.st_size, digest)
         if got != st.st_size or os.fstat(fd).st_size != st.st_size:
             raise ArchiveError(f"{member.path}: changed size while being archived")
         sink.pad()
-        member.sha256 = sha.hexdigest()
+        member.digest = digest.hexdigest()
     finally:
         os.close(fd)
 
@@ -545,21 +548,21 @@ def sync_filesystem(path: Path) -> None:
 # ---------------------------------------------------------------- reading
 
 
-def scan(archive: Path, algorithm: str, *, hash_files: bool = False,
+def scan(archive: Path, algorithm: str, *, file_hash: str | None = None,
          cipher: BlockCipher | None = None) -> tuple[list[Member], str]:
     """Read an archive through (opening every block with cipher, when given): its
-    members (with each file's SHA-256 when hash_files) and its "algorithm:hex"
-    digest over every byte of the file."""
+    members (with each file's digest by the algorithm ``file_hash``, when given) and
+    its "algorithm:hex" digest over every byte of the file."""
     found: list[Member] = []
     fd = os.open(archive, os.O_RDONLY | _O_CLOEXEC)
     try:
         source = _Source(fd, new_digest(algorithm), cipher)
         for member, size in members(source):
-            if hash_files and member.type == "file":
-                sha = hashlib.sha256()
+            if file_hash and member.type == "file":
+                digest = new_digest(file_hash)
                 for view in source.take(size):
-                    sha.update(view)
-                member.sha256 = sha.hexdigest()
+                    digest.update(view)
+                member.digest = digest.hexdigest()
                 source.skip(-size % BLOCK)
             else:
                 source.skip(size + (-size % BLOCK))
@@ -569,7 +572,7 @@ def scan(archive: Path, algorithm: str, *, hash_files: bool = False,
     return found, f"{algorithm}:{source.digest.hexdigest()}"
 
 
-def unpack(archive: Path, dest: Path, algorithm: str, expect, *, hash_files: bool = False,
+def unpack(archive: Path, dest: Path, algorithm: str, expect, *, file_hash: str | None = None,
            cipher: BlockCipher | None = None) -> tuple[list[Member], str]:
     """Unpack archive (opening every block with cipher, when given) into the
     folder dest, creating new entries only.
@@ -577,7 +580,7 @@ def unpack(archive: Path, dest: Path, algorithm: str, expect, *, hash_files: boo
     ``expect(member)`` is called with each member's header before anything of
     it is written; it may raise to refuse the member, or correct its metadata
     (the manifest keeps mtimes to the nanosecond). Returns the members
-    unpacked (with hash_files, each file's SHA-256 taken from the bytes
+    unpacked (with file_hash, each file's digest by that algorithm taken from the bytes
     written) and the archive's digest. Times and (as root) owners are set as
     given, modes without setuid, setgid and sticky bits.
     """
@@ -608,7 +611,7 @@ def unpack(archive: Path, dest: Path, algorithm: str, expect, *, hash_files: boo
                     os.lchown(path, member.uid, member.gid)
                 os.utime(path, ns=(member.mtime_ns, member.mtime_ns), follow_symlinks=False)
             else:
-                member.sha256 = _unpack_file(source, path, member, size, hash_files)
+                member.digest = _unpack_file(source, path, member, size, file_hash)
                 source.skip(-size % BLOCK)
             found.append(member)
     finally:
@@ -637,13 +640,13 @@ def _parents(dest: Path, name: str) -> None:
         (dest / parent).mkdir(parents=True, mode=0o700, exist_ok=True)
 
 
-def _unpack_file(source: _Source, path: Path, member: Member, size: int, hash_files: bool) -> str | None:
-    sha = hashlib.sha256() if hash_files else None
+def _unpack_file(source: _Source, path: Path, member: Member, size: int, file_hash: str | None) -> str | None:
+    digest = new_digest(file_hash) if file_hash else None
     out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
     try:
         for view in source.take(size):
-            if sha is not None:
-                sha.update(view)
+            if digest is not None:
+                digest.update(view)
             done = 0
             while done < len(view):
                 done += os.write(out, view[done:])
@@ -653,4 +656,4 @@ def _unpack_file(source: _Source, path: Path, member: Member, size: int, hash_fi
         os.utime(out, ns=(member.mtime_ns, member.mtime_ns))
     finally:
         os.close(out)
-    return sha.hexdigest() if sha is not None else None
+    return digest.hexdigest() if digest is not None else None

@@ -1,7 +1,7 @@
 """The backup location on disk: archives of user homes and hub state, verified.
 
 Archives are tar files (``core.tarball``) written in one pass that also takes
-every file's SHA-256 and the archive's own; the hub's state is encrypted on its
+every file's XXH3-128 (to name a damaged file) and the archive's SHA-256; the hub's state is encrypted on its
 way to disk, and the manifest sealed, with the site's restore key
 (``core.sealing``). Verification reads them back. A restore checks the seal
 before it reads anything else of a point; then every member's header must match
@@ -64,7 +64,7 @@ def _entry(member: Member) -> FileEntry:
     return FileEntry.model_construct(
         path=member.path, type=member.type, mode=member.mode, mtime=member.mtime_ns / 1e9,
         mtime_ns=member.mtime_ns, uid=member.uid, gid=member.gid, size=member.size,
-        sha256=member.sha256, target=member.target,
+        digest=member.digest, target=member.target,
     )
 
 
@@ -95,7 +95,7 @@ def write_archive(root: Path, archive: Path, name: str, include: list[str] | Non
         raise BackupError(f"{name}: {detail}") from None
     os.replace(tmp, archive)
     return ArchiveEntry(name=name, archive=archive.name, files=[_entry(m) for m in members], archive_hash=digest,
-                        readback_hash=readback, encryption=cipher.scheme if cipher else None)
+                        file_hash=tarball.FILE_HASH, readback_hash=readback, encryption=cipher.scheme if cipher else None)
 
 
 def _check_listing(member: Member, want: FileEntry | None, who: str, *, content: bool) -> None:
@@ -107,8 +107,8 @@ def _check_listing(member: Member, want: FileEntry | None, who: str, *, content:
         raise VerificationFailed(f"{who}: {member.path}: link target differs from the manifest")
     if (member.mode, member.uid, member.gid) != (want.mode, want.uid, want.gid):
         raise VerificationFailed(f"{who}: {member.path}: mode or owner differs from the manifest")
-    if content and member.type == "file" and member.sha256 != want.sha256:
-        raise VerificationFailed(f"{who}: {member.path}: content differs from the manifest (sha256 mismatch)")
+    if content and member.type == "file" and member.digest != want.digest:
+        raise VerificationFailed(f"{who}: {member.path}: content differs from the manifest (digest mismatch)")
 
 
 def _check_members(found: list[Member], expected: dict[str, FileEntry], who: str, *, content: bool) -> None:
@@ -135,7 +135,7 @@ def verify_archive(archive: Path, entry: ArchiveEntry, who: str, *, deep: bool =
     (names, types, sizes, modes, owners, link targets): at teardown (durable) its
     read-back digest, XXH3-128, as fast as the disk, for that pass asks only whether
     the disk kept what olab wrote (restore checks the authenticated SHA-256); else the
-    SHA-256. The per-file SHA-256s are only needed to name the damaged file when the
+    SHA-256. The files' digests are only needed to name the damaged file when the
     digest does not match, so that deeper pass runs only then. With durable, the
     archive is fsynced once it checks out.
     """
@@ -144,7 +144,8 @@ def verify_archive(archive: Path, entry: ArchiveEntry, who: str, *, deep: bool =
         raise VerificationFailed(f"{who}: archive {archive.name} is missing")
     expected = entry.readback_hash if durable and entry.readback_hash and not deep else entry.archive_hash
     try:
-        found, digest = tarball.scan(archive, expected.split(":", 1)[0], hash_files=deep, cipher=cipher)
+        found, digest = tarball.scan(archive, expected.split(":", 1)[0], file_hash=entry.file_hash if deep else None,
+                                     cipher=cipher)
     except tarball.ArchiveError as exc:
         if not deep:
             verify_archive(archive, entry, who, deep=True, cipher=cipher)

@@ -211,7 +211,7 @@ def test_a_file_swapped_for_a_fifo_is_refused_without_blocking(tmp_path):
     folder = os.open(tmp_path, os.O_RDONLY)
     try:
         with pytest.raises(tarball.ArchiveError, match="pipe: changed while being archived"):
-            tarball._archive_file(tarball._Sink(fd), folder, "pipe", member)
+            tarball._archive_file(tarball._Sink(fd), folder, "pipe", member, tarball.FILE_HASH)
     finally:
         os.close(fd)
         os.close(folder)
@@ -296,9 +296,9 @@ def test_an_encrypted_archive_reads_back_and_holds_nothing_in_clear(tmp_path):
     raw = (tmp_path / "hub.tar.enc").read_bytes()
     assert b"PLAINLY-SECRET-VALUE" not in raw and b"secret.json" not in raw and b"ustar" not in raw
     assert digest == "sha256:" + hashlib.sha256(raw).hexdigest(), "the digest is of the file as stored"
-    found, again = tarball.scan(tmp_path / "hub.tar.enc", "sha256", hash_files=True, cipher=key.stream("rp-1/hub.tar.enc"))
+    found, again = tarball.scan(tmp_path / "hub.tar.enc", "sha256", file_hash=tarball.FILE_HASH, cipher=key.stream("rp-1/hub.tar.enc"))
     assert again == digest
-    assert [(m.path, m.sha256) for m in found] == [(m.path, m.sha256) for m in members]
+    assert [(m.path, m.digest) for m in found] == [(m.path, m.digest) for m in members]
     out = tmp_path / "out"
     out.mkdir()
     tarball.unpack(tmp_path / "hub.tar.enc", out, "sha256", lambda m: None, cipher=key.stream("rp-1/hub.tar.enc"))
@@ -344,7 +344,7 @@ def test_an_encrypted_archive_ending_on_a_block_boundary_has_an_empty_last_block
     tarball.write(home, tmp_path / "a.enc", cipher=cipher)
     size = (tmp_path / "a.enc").stat().st_size
     assert size == cipher.header_size + 5 * (tarball.CHUNK + cipher.overhead) + cipher.overhead
-    found, _ = tarball.scan(tmp_path / "a.enc", "sha256", hash_files=True, cipher=key.stream("rp-1/hub.tar.enc"))
+    found, _ = tarball.scan(tmp_path / "a.enc", "sha256", file_hash=tarball.FILE_HASH, cipher=key.stream("rp-1/hub.tar.enc"))
     assert [m.path for m in found] == [".", "f"]
     (tmp_path / "b.enc").write_bytes((tmp_path / "a.enc").read_bytes()[: size - cipher.overhead])
     with pytest.raises(tarball.ArchiveError, match="last sealed block"):

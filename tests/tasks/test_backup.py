@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from core import sealing
+from core import sealing, tarball
 from core.config import load_site
 from core.restore_points import ArchiveEntry, FileEntry, Manifest, RestorePoint, choose_restore_point, plan_prune
 from core.secrets import SecretStore
@@ -71,6 +71,39 @@ def _crafted(tmp_path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]
                                target=info.linkname or None))
     return archive, ArchiveEntry(name="evil", archive=archive.name, files=files,
                                  archive_hash="sha256:" + hashlib.sha256(archive.read_bytes()).hexdigest())
+
+
+def test_files_carry_a_fast_digest_and_points_written_with_sha256_still_name_a_damaged_file(tmp_path):
+    """A file's digest only names the damaged file once the archive's SHA-256 has not matched,
+    so it is XXH3-128 (one SHA-256 per byte written, not two); a point written before, whose
+    files carry SHA-256 under "sha256", verifies and names a damaged file as it did."""
+    import xxhash
+
+    home = make_home(tmp_path / "home")
+    entry = write_archive(home, tmp_path / "new.tar", "u")
+    assert entry.file_hash == "xxh3_128" and entry.archive_hash.startswith("sha256:")
+    by_path = {f.path: f for f in entry.files}
+    assert by_path["sub/a.txt"].digest == xxhash.xxh3_128(b"alpha\n").hexdigest()
+    assert "digest" in json.loads(entry.model_dump_json())["files"][0]
+
+    # As such a point was written: tarball.write with SHA-256 files, the manifest's old keys.
+    members, digest, readback = tarball.write(home, tmp_path / "old.tar", file_hash="sha256")
+    old = json.loads(ArchiveEntry(name="u", archive="old.tar", files=[], archive_hash=digest, readback_hash=readback)
+                     .model_dump_json(exclude={"file_hash"}))
+    old["files"] = [{"path": m.path, "type": m.type, "mode": m.mode, "mtime": m.mtime_ns / 1e9, "mtime_ns": m.mtime_ns,
+                     "uid": m.uid, "gid": m.gid, "size": m.size, "sha256": m.digest, "target": m.target} for m in members]
+    legacy = ArchiveEntry.model_validate(old)
+    assert legacy.file_hash == "sha256"
+    assert {f.path: f.digest for f in legacy.files}["sub/a.txt"] == hashlib.sha256(b"alpha\n").hexdigest()
+    verify_archive(tmp_path / "old.tar", legacy, "user u", deep=True)
+    extract_and_verify(tmp_path / "old.tar", legacy, tmp_path / "out-old", "user u")
+    assert (tmp_path / "out-old" / "sub" / "a.txt").read_text() == "alpha\n"
+    for name, written in (("new.tar", entry), ("old.tar", legacy)):
+        data = bytearray((tmp_path / name).read_bytes())
+        data[data.index(b"alpha")] ^= 0x20
+        (tmp_path / name).write_bytes(bytes(data))
+        with pytest.raises(VerificationFailed, match=r"user u: sub/a.txt: content differs from the manifest \(digest mismatch\)"):
+            verify_archive(tmp_path / name, written, "user u")
 
 
 def test_an_archive_cannot_write_outside_its_staging_folder(tmp_path):
@@ -227,10 +260,11 @@ def test_a_forged_point_is_refused_before_unpacking_naming_the_manifest(point, t
     data[data.index(b"alpha\n")] = ord("A")  # same size: only the hashes tell
     archive.write_bytes(bytes(data))
     manifest = json.loads((where / "manifest.json").read_text())
-    forged_sha = hashlib.sha256(b"Alpha\n").hexdigest()
+    import xxhash
+
     for entry in manifest["users"][0]["files"]:
         if entry["path"] == "sub/a.txt":
-            entry["sha256"] = forged_sha
+            entry["digest"] = xxhash.xxh3_128(b"Alpha\n").hexdigest()
     manifest["users"][0]["archive_hash"] = "sha256:" + hashlib.sha256(bytes(data)).hexdigest()
     forged = manifest_bytes(Manifest.model_validate(manifest))
     (where / "manifest.json").write_bytes(forged)
