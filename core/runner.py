@@ -278,7 +278,10 @@ def stop_process(pid: int, *, grace_seconds: float = 20.0) -> bool:
     except (ProcessLookupError, PermissionError):
         pass  # no group left (or a server that did not lead its own)
     if pid_alive(pid):
-        os.kill(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it ended just now
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and (pid_alive(pid) or group_members(pid)):
         time.sleep(0.05)
