@@ -1,9 +1,9 @@
 """The backup location on disk: archives of user homes and hub state, verified.
 
 Archives are tar files (``core.tarball``) written in one pass that also takes
-every file's XXH3-128 (to name a damaged file) and the archive's SHA-256; the hub's state is encrypted on its
-way to disk, and the manifest sealed, with the site's restore key
-(``core.sealing``). Verification reads them back. A restore checks the seal
+every file's XXH3-128 (to name a damaged file) and the archive's SHA-256; the
+hub's state is encrypted on its way to disk, and the manifest sealed, with the
+site's restore key (``core.sealing``). Verification reads them back. A restore checks the seal
 before it reads anything else of a point; then every member's header must match
 the (authenticated) manifest before anything of it is written, into a staging
 folder that replaces nothing until the whole archive's SHA-256 matched.
