@@ -217,17 +217,19 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return _state(pid) not in ("Z", None)
+    fields = _stat_fields(pid)
+    if fields is None:  # gone while we looked, or there but not ours to read
+        return os.path.exists(f"/proc/{pid}")
+    return fields[0] != "Z"
 
 
-def _state(pid: int) -> str | None:
-    """One letter from /proc (R, S, D, Z, ...), None if there is no such process."""
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """/proc/<pid>/stat after the command's name: [state, ppid, pgrp, ...]; None when it
+    cannot be read (gone while we looked, or not ours to read)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return None
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return "?"
+        return None
 
 
 def group_members(pgid: int) -> list[int]:
@@ -235,14 +237,9 @@ def group_members(pgid: int) -> list[int]:
     but for their parent's reaping, which for an orphan is init's)."""
     members = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # exited while we looked
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            members.append(int(entry.name))
+        if entry.name.isdigit() and (fields := _stat_fields(entry.name)) is not None:
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                members.append(int(entry.name))
     return members
 
 

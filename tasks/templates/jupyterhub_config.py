@@ -5,9 +5,21 @@
 import json
 import os
 import shutil
+import sys
+import types
 from pathlib import Path
 
 c = get_config()  # noqa: F821
+
+
+def _module_of(name, code, filename):
+    """One of olab's own modules, run from the source the settings carry (the hub and olab
+    share its code)."""
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    exec(compile(code, filename, "exec"), module.__dict__)
+    return module
+
 
 settings = json.loads(Path(__file__).with_name("olab-hub.json").read_text())
 secrets = json.loads(Path(settings["secrets_file"]).read_text())
@@ -135,8 +147,6 @@ if settings["spawner"] == "docker":
     # reaches each server at its container's address. The container runs in a user namespace:
     # its uid 1000 is host uid home_uid, which is no account of this machine.
     import asyncio
-    import sys
-    import types
 
     from docker.errors import APIError
     from dockerspawner import DockerSpawner
@@ -144,9 +154,7 @@ if settings["spawner"] == "docker":
 
     # core/bridges.py, its source carried by the settings: the spawner and olab's cleanup share
     # one code and one machine-wide ledger of the students' bridges.
-    bridges = types.ModuleType("olab_bridges")
-    sys.modules[bridges.__name__] = bridges
-    exec(compile(settings["bridges_code"], "core/bridges.py", "exec"), bridges.__dict__)
+    bridges = _module_of("olab_bridges", settings["bridges_code"], "core/bridges.py")
 
     TOKEN_IN_CONTAINER = "/run/olab/api-token"
 
@@ -377,10 +385,7 @@ def _booting_in_turns(spawner_class):
 
 # A started server is seen as soon as it listens, not up to 5 s later: core/seen_at_once.py,
 # its source carried by the settings (the gke hub runs the same code).
-import types  # noqa: E402
-
-seen = types.ModuleType("olab_seen_at_once")
-exec(compile(settings["seen_at_once_code"], "core/seen_at_once.py", "exec"), seen.__dict__)
+seen = _module_of("olab_seen_at_once", settings["seen_at_once_code"], "core/seen_at_once.py")
 
 c.JupyterHub.spawner_class = seen.seen_at_once(_booting_in_turns(c.JupyterHub.spawner_class))
 c.Spawner.pre_spawn_hook = _give_labs
