@@ -87,7 +87,20 @@ class HubAPI:
         self._wait(name, lambda server: bool(server and server.get("ready")), timeout, "ready")
 
     def stop_server(self, name: str, timeout: float) -> None:
-        if self.user(name).get("servers", {}).get(""):
+        """Stop ``name``'s server and wait until it is gone.
+
+        A start still under way is let finish first (JupyterHub ends a start that runs too
+        long by itself, within ``timeout``, its start timeout, plus as long again for the first
+        answer). JupyterHub's DELETE would interrupt it instead: it cancels the start and
+        answers 500 ("pending spawn") when the start takes more than a second to unwind, as a
+        container's may, and the interrupted server can be left running.
+        """
+        server = self.user(name).get("servers", {}).get("")
+        if server and server.get("pending") == "spawn":
+            task_logger().info("%s's server is starting; stopping it once it has started", name)
+            self._wait(name, lambda s: not (s and s.get("pending") == "spawn"), 2 * timeout, "done starting")
+            server = self.user(name).get("servers", {}).get("")
+        if server:
             self.request("DELETE", f"/hub/api/users/{quote(name)}/server")
         self._wait(name, lambda server: not server, timeout, "stopped")
 
