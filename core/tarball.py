@@ -104,7 +104,7 @@ def new_digest(algorithm: str):
         import xxhash
 
         return xxhash.xxh3_128()
-    raise ArchiveError(f"unknown archive hash {algorithm!r}")
+    raise ArchiveError(f"unknown hash algorithm {algorithm!r} (this olab knows sha256 and {READBACK_HASH})")
 
 
 # ---------------------------------------------------------------- headers

@@ -146,6 +146,13 @@ def test_verify_names_the_file_whose_bytes_changed(tmp_path):
         verify_archive(archive, entry, "user u")
 
 
+def test_an_unknown_hash_is_named_for_files_and_archives_alike():
+    assert tarball.new_digest("sha256").name == "sha256"
+    assert tarball.new_digest(tarball.FILE_HASH).digest_size == 16
+    with pytest.raises(tarball.ArchiveError, match="unknown hash algorithm 'md5' .*sha256 and xxh3_128"):
+        tarball.new_digest("md5")
+
+
 def test_a_manifest_with_a_non_utf8_name_reads_back(tmp_path):
     """json.dumps escapes the name's surrogate; only json.loads (not pydantic's JSON parser) reads it."""
     from datetime import UTC, datetime
