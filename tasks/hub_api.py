@@ -93,7 +93,8 @@ class HubAPI:
         long by itself, within ``timeout``, its start timeout, plus as long again for the first
         answer). JupyterHub's DELETE would interrupt it instead: it cancels the start and
         answers 500 ("pending spawn") when the start takes more than a second to unwind, as a
-        container's may, and the interrupted server can be left running.
+        container's may, and the interrupted server can be left behind: still listed, running
+        or not, and not stopped by a second DELETE.
         """
         server = self.user(name).get("servers", {}).get("")
         if server and server.get("pending") == "spawn":
