@@ -177,7 +177,7 @@ def render_settings(
         },
         "cull": (
             {
-                "command": [sys.executable, "-m", "jupyterhub_idle_culler"],
+                "command": [sys.executable, "-m", "core.culler"],  # ends with its hub; no token in its log
                 "timeout": spec.cull_idle_seconds,
                 "every": max(5, min(300, spec.cull_idle_seconds // 2)),
             }

@@ -31,7 +31,7 @@ def test_a_spec_renders_to_settings_with_culling_and_container_limits(make_site)
     assert (settings["mem_limit"], settings["cpu_limit"]) == ("2G", 1.5)
     assert settings["admins"] == ["a", "b"]
     assert settings["cull"]["timeout"] == 600 and settings["cull"]["every"] == 300
-    assert settings["cull"]["command"][-2:] == ["-m", "jupyterhub_idle_culler"]
+    assert settings["cull"]["command"][-2:] == ["-m", "core.culler"]
     off = load_site(str(make_site("r2", hub={"cull_idle_seconds": 0})))
     assert render(off, VENV)["cull"] is None
 

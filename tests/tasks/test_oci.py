@@ -202,6 +202,19 @@ def test_hub_spawns_a_container_of_the_digest(user_image, stop_hubs):
     ours = ["--filter", f"label=olab-site={site.name}", "--filter", f"label=olab-store={bridges.store_tag(site.paths.containers)}"]
     assert not run(["podman", "network", "ls", "-q", *ours], env=engine.env).output.split()
     assert not port_in_use(site.config.hub.host, site.config.hub.port), "the orphaned proxy still holds the hub's port"
+    assert not cullers_of(site), "the killed hub's idle culler is still running"
+
+
+def cullers_of(site) -> list[int]:
+    """The idle cullers (JupyterHub runs them in the hub's folder) of this site still running."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if b"culler" in (entry / "cmdline").read_bytes() and (entry / "cwd").resolve() == site.paths.hub.resolve():
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return [pid for pid in found if pid_alive(pid)]
 
 
 def hub_settings(site) -> dict:
