@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
-from core.runner import pid_alive, stop_process
+import pytest
+
+from core.runner import http_answers, pid_alive, start_server, stop_process
 from tests.conftest import REPO, free_port
 
 
@@ -56,3 +60,57 @@ def test_the_culler_ends_with_its_hub_and_keeps_its_token_out_of_its_log(tmp_pat
         stop_process(parent.pid, grace_seconds=1)
         if culler and pid_alive(culler):
             os.kill(culler, signal.SIGKILL)
+
+
+HUB_CONFIG = """
+c.JupyterHub.ip = "127.0.0.1"
+c.JupyterHub.port = {port}
+c.JupyterHub.hub_port = {hub_port}
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_port}"
+c.JupyterHub.authenticator_class = "dummy"
+c.JupyterHub.services = [{{"name": "idle-culler", "command": {command!r}}}]
+c.JupyterHub.load_roles = [{{"name": "idle-culler", "services": ["idle-culler"],
+                            "scopes": ["list:users", "read:users:activity", "read:servers", "delete:servers"]}}]
+"""
+
+
+@pytest.mark.slow
+def test_a_real_hub_keeps_its_culler_running_and_takes_it_along_when_killed(tmp_path):
+    """JupyterHub starts the culler from its main thread (the death signal follows the thread
+    that started it): it keeps running beside a live hub, and ends when the hub is killed."""
+    if not shutil.which("jupyterhub"):
+        pytest.skip("jupyterhub is not installed (pip install -e '.[test]')")
+    port = free_port()
+    command = [sys.executable, "-m", "core.culler", "--cull-every=1", "--timeout=60"]
+    (tmp_path / "jupyterhub_config.py").write_text(HUB_CONFIG.format(
+        port=port, hub_port=free_port(), proxy_port=free_port(), command=command))
+    log = tmp_path / "hub.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    hub = start_server(["jupyterhub", "-f", "jupyterhub_config.py"], cwd=tmp_path, log_file=log, env=env,
+                       ready=lambda: http_answers(f"http://127.0.0.1:{port}/hub/api/"), timeout=60, what="jupyterhub")
+    try:
+        wait_for(lambda: culler_of(tmp_path) is not None, 20, "culler beside the hub")
+        culler = culler_of(tmp_path)
+        time.sleep(3)  # three culls: it polls the live hub, and nothing ends it
+        assert culler_of(tmp_path) == culler and pid_alive(culler)
+        text = log.read_text()
+        assert "exited with status" not in text, text[-2000:]
+        assert text.count("GET /hub/api/users?state=[secret] (idle-culler@") >= 2, "the culler does not poll the hub"
+        os.kill(hub, signal.SIGKILL)
+        wait_for(lambda: not pid_alive(culler), 10, "end of the culler after its hub was killed")
+    finally:
+        stop_process(hub, grace_seconds=1)
+        for pid in [p for p in [culler_of(tmp_path)] if p]:
+            os.kill(pid, signal.SIGKILL)
+
+
+def culler_of(folder) -> int | None:
+    """The running culler started in ``folder`` (JupyterHub runs services in its own folder)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if b"core.culler" in (entry / "cmdline").read_bytes() and (entry / "cwd").resolve() == folder.resolve():
+                if pid_alive(int(entry.name)):
+                    return int(entry.name)
+        except (OSError, ValueError):
+            continue
+    return None
