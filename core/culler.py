@@ -12,7 +12,7 @@ api_token='...')". Here:
   long as the hub); a hub gone before that was set up is noticed by the parent having changed;
 - every log record the culler makes, and any traceback it prints, has the token masked.
 
-Standard library only, besides the culler itself.
+Standard library and core.runner's masking only, besides the culler itself.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import signal
 import sys
 import traceback
 
+from core.runner import mask
+
 PR_SET_PDEATHSIG = 1
-MASK = "***"
 
 
 def _end_with_parent() -> None:
@@ -37,10 +38,6 @@ def _end_with_parent() -> None:
         sys.exit(0)
 
 
-def masked(text: str, secret: str) -> str:
-    return text.replace(secret, MASK) if secret else text
-
-
 def _mask_logs(secret: str) -> None:
     """Every log record made from now on, message and traceback, without ``secret``."""
     make = logging.getLogRecordFactory()
@@ -50,18 +47,18 @@ def _mask_logs(secret: str) -> None:
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = masked(record.exc_text, secret)
+            record.exc_text = mask(record.exc_text, [secret])
         try:
             text = record.getMessage()
         except (TypeError, ValueError):  # arguments that do not fit: kept as words, masked
             text = f"{record.msg} {record.args!r}"
-        record.msg, record.args = masked(text, secret), None
+        record.msg, record.args = mask(text, [secret]), None
         return record
 
     logging.setLogRecordFactory(record_factory)
 
     def excepthook(kind, value, tb) -> None:
-        sys.stderr.write(masked("".join(traceback.format_exception(kind, value, tb)), secret))
+        sys.stderr.write(mask("".join(traceback.format_exception(kind, value, tb)), [secret]))
 
     sys.excepthook = excepthook
 
