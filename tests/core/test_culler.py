@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from core.runner import http_answers, pid_alive, start_server, stop_process
+from core.runner import http_answers, pid_alive, start_server, stop_pid_file, stop_process
 from tests.conftest import REPO, free_port
 
 
@@ -67,6 +67,7 @@ c.JupyterHub.ip = "127.0.0.1"
 c.JupyterHub.port = {port}
 c.JupyterHub.hub_port = {hub_port}
 c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_port}"
+c.ConfigurableHTTPProxy.pid_file = {proxy_pid!r}
 c.JupyterHub.authenticator_class = "dummy"
 c.JupyterHub.services = [{{"name": "idle-culler", "command": {command!r}}}]
 c.JupyterHub.load_roles = [{{"name": "idle-culler", "services": ["idle-culler"],
@@ -83,7 +84,7 @@ def test_a_real_hub_keeps_its_culler_running_and_takes_it_along_when_killed(tmp_
     port = free_port()
     command = [sys.executable, "-m", "core.culler", "--cull-every=1", "--timeout=60"]
     (tmp_path / "jupyterhub_config.py").write_text(HUB_CONFIG.format(
-        port=port, hub_port=free_port(), proxy_port=free_port(), command=command))
+        port=port, hub_port=free_port(), proxy_port=free_port(), proxy_pid=str(tmp_path / "proxy.pid"), command=command))
     log = tmp_path / "hub.log"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     hub = start_server(["jupyterhub", "-f", "jupyterhub_config.py"], cwd=tmp_path, log_file=log, env=env,
@@ -100,6 +101,7 @@ def test_a_real_hub_keeps_its_culler_running_and_takes_it_along_when_killed(tmp_
         wait_for(lambda: not pid_alive(culler), 10, "end of the culler after its hub was killed")
     finally:
         stop_process(hub, grace_seconds=1)
+        stop_pid_file(tmp_path / "proxy.pid")  # the hub's proxy, in a session of its own, outlives a killed hub
         for pid in [p for p in [culler_of(tmp_path)] if p]:
             os.kill(pid, signal.SIGKILL)
 

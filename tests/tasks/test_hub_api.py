@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from core.runner import http_answers, pid_alive, start_server, stop_process
+from core.runner import http_answers, pid_alive, start_server, stop_pid_file, stop_process
 from tasks.hub_api import HubAPI
 from tests.conftest import free_port
 
@@ -60,6 +60,7 @@ CONFIG = textwrap.dedent(
     c.JupyterHub.port = {port}
     c.JupyterHub.hub_port = {hub_port}
     c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{proxy_port}"
+    c.ConfigurableHTTPProxy.pid_file = "{proxy_pid}"
     c.JupyterHub.tornado_settings = {{"slow_spawn_timeout": 0.5}}
     c.JupyterHub.authenticator_class = "dummy"
     c.Authenticator.allowed_users = {{"student01", "student02"}}
@@ -80,7 +81,8 @@ def slow_hub(tmp_path):
     pids.mkdir()
     port = free_port()
     (tmp_path / "jupyterhub_config.py").write_text(CONFIG.format(
-        start_seconds=START_SECONDS, pids=pids, port=port, hub_port=free_port(), proxy_port=free_port(), token=TOKEN,
+        start_seconds=START_SECONDS, pids=pids, port=port, hub_port=free_port(), proxy_port=free_port(),
+        proxy_pid=tmp_path / "proxy.pid", token=TOKEN,
     ))
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "hub.log"
@@ -93,6 +95,7 @@ def slow_hub(tmp_path):
         yield url, pids, log
     finally:
         stop_process(pid)
+        stop_pid_file(tmp_path / "proxy.pid")  # left by a hub that had to be killed
 
 
 def server(api: HubAPI, name: str) -> dict | None:
